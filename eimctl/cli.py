@@ -1,0 +1,141 @@
+"""The `eimctl` command line. Each command parses, loads config and calls one function."""
+from __future__ import annotations
+
+import functools
+import os
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from eimctl.errors import EimError, report_and_exit
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train and evaluate CLIP + projector + LM models with EIM.\n\n"
+                       "Pipeline: build-queues -> train-stage (st, lm, base-ie | base) -> evaluate -> report. "
+                       "Steps pass artifacts through a run directory (runs/<run>/).")
+evaluate_app = typer.Typer(no_args_is_help=True, help="Score a trained stage on a benchmark.")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+def user_errors(command):
+    """Turn every EimError (and unexpected failures) into one line and exit code 1."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (EimError, Exception) as error:  # noqa: B014 — both are reported the same way
+            if isinstance(error, (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt)):
+                raise
+            report_and_exit(error)
+    return wrapper
+
+
+class Stage(str, Enum):
+    base = "base"
+
+
+class Resume(str, Enum):
+    auto = "auto"
+    never = "never"
+
+
+RUN_DIR = typer.Option(..., "--run-dir", help="Run directory: holds stages/, eval/, report/ of one run.")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config (defaults < this file < KEY=VALUE overrides).")
+FORCE = typer.Option(False, "--force", help="Redo a step even if it is complete.")
+QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
+
+
+@app.command("train-stage")
+@user_errors
+def train_stage(stage: Stage = typer.Argument(..., help="Stage to train: base (ClipCap baseline)."),
+                overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides, "
+                                                                           "e.g. train.lr=1e-4"),
+                run_dir: Path = RUN_DIR, config: Optional[Path] = CONFIG,
+                resume: Resume = typer.Option(Resume.auto, help="auto: continue from the last checkpoint; "
+                                                                "never: refuse if checkpoints exist."),
+                force: bool = FORCE, quiet: bool = QUIET):
+    """Train one stage into RUN_DIR/stages/STAGE (resumable; checkpoints in safetensors)."""
+    from eimctl.config import load_config
+    from eimctl.stages import base
+
+    cfg = load_config(config, overrides)
+    base.run(cfg, run_dir, force=force, resume=resume.value, show=not quiet)
+
+
+@evaluate_app.command("coco")
+@user_errors
+def evaluate_coco(run_dir: Path = RUN_DIR,
+                  stage: str = typer.Option("base", help="Trained stage to evaluate."),
+                  overrides: Optional[List[str]] = typer.Argument(None, help="eval.* overrides, "
+                                                                             "e.g. eval.beam_size=3"),
+                  spice_jars: Optional[Path] = typer.Option(None, help="Folder with Stanford CoreNLP 3.6.0 "
+                                                                       "jars; without it SPICE is unavailable."),
+                  force: bool = FORCE, quiet: bool = QUIET):
+    """Caption the split's images and score them (BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE)."""
+    import json
+    from eimctl.evaluate import coco
+
+    out = coco.run(run_dir, stage, overrides=overrides, spice_jars=spice_jars, force=force, show=not quiet)
+    if not quiet:
+        result = json.loads((out / "metrics.json").read_text())
+        metrics = result["metrics"]
+        print(f"{stage} on {result['split']}: BLEU-4 {100 * metrics['Bleu_4']:.2f}  CIDEr {100 * metrics['CIDEr']:.2f}"
+              f"  -> {out}")
+        floor = result.get("fixed_caption_baseline")
+        if floor:
+            print(f"best single fixed caption: BLEU-4 {100 * floor['Bleu_4']['score']:.2f} "
+                  f"(\"{floor['Bleu_4']['caption']}\")  CIDEr {100 * floor['CIDEr']['score']:.2f} "
+                  f"(\"{floor['CIDEr']['caption']}\")")
+
+
+@app.command("report")
+@user_errors
+def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
+           out: Optional[Path] = typer.Option(None, help="Output folder (default: <first run>/report)."),
+           quiet: bool = QUIET):
+    """Tabulate metrics per run and stage (terminal + report.md) and plot training loss curves."""
+    from rich.console import Console
+    from eimctl.report import collect_rows, render_table, write_report
+
+    target = out or (run_dirs[0] / "report")
+    path = write_report(run_dirs, target)
+    if not quiet:
+        Console().print(render_table(collect_rows(run_dirs)))
+        print(f"report written to {path}")
+
+
+@app.command("demo-data")
+@user_errors
+def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write the data set."),
+              seed: int = typer.Option(0), train_images: int = typer.Option(3000), quiet: bool = QUIET):
+    """Generate the embedded demo data set: rendered scenes with describing captions (JSONL)."""
+    from eimctl.data.demo import generate_demo_data
+
+    summary = generate_demo_data(out, seed=seed, n_train_images=train_images)
+    if not quiet:
+        print(f"demo data in {out}: {summary}")
+
+
+@app.command("demo-pretrain")
+@user_errors
+def demo_pretrain(data: Path = typer.Option(Path("demo/data"), help="Demo data folder (from demo-data)."),
+                  out: Path = typer.Option(Path("demo/models"), help="Where to write clip/ and lm/."),
+                  seed: int = typer.Option(0), quiet: bool = QUIET):
+    """Pretrain the demo's small CLIP-style model and LM on the demo data (stand-ins for CLIP and GPT-2)."""
+    from eimctl.demo.pretrain import pretrain_demo_clip, pretrain_demo_lm
+
+    log = (lambda *_: None) if quiet else print
+    pretrain_demo_clip(data, out, seed=seed, log=log)
+    pretrain_demo_lm(data, out, seed=seed, log=log)
+
+
+def main() -> None:
+    if not os.environ.get("EIMCTL_DEBUG"):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    app()
+
+
+if __name__ == "__main__":
+    main()

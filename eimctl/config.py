@@ -1,0 +1,261 @@
+"""Configuration: defaults < YAML file < `key=value` overrides, validated up front.
+
+Every problem (unknown key, wrong type, out-of-range value) is collected and
+reported in one error, so a user fixes a config in one round trip.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from eimctl.errors import EimError
+
+
+@dataclass
+class DataConfig:
+    format: str = "jsonl"            # jsonl | coco-karpathy
+    path: str = ""                   # folder with {train,val,test}.jsonl, or dataset_coco.json
+    image_root: str = ""             # images are resolved under this folder (default: next to `path`)
+    allow_outside_root: bool = False  # allow image paths that escape image_root
+    max_caption_tokens: int = 40     # longer captions are truncated (with a warning) or refused
+    overlong: str = "truncate"       # truncate | refuse
+
+
+@dataclass
+class ClipConfig:
+    name: str = "ViT-B-32"           # open_clip model name, `hf-hub:org/repo` or `local-dir:/path`
+    pretrained: str = "openai"       # open_clip pretrained tag or a local checkpoint file ("" = random)
+    remove_projection: bool = False  # drop visual.proj: features are the width-d [CLS] / tokens
+    tokens: str = "pooled"           # pooled ([CLS] only) | full ([CLS] + patch tokens)
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp"                # mlp | ffn | transformer
+    prefix_length: int = 10          # mlp / transformer: number of prefix tokens produced
+    hidden: int = 0                  # ffn hidden width (0 = 4 x LM width); mlp hidden (0 = LM width x prefix / 2)
+    layers: int = 8                  # transformer mapping network depth
+    heads: int = 8                   # transformer mapping network heads
+
+
+@dataclass
+class LMConfig:
+    name: str = "gpt2"               # Hugging Face id or local directory
+    gguf_file: str = ""              # GGUF file name inside `name` (a directory), if the LM is GGUF
+    trust_remote_code: bool = False  # run model code shipped with the weights (off unless asked)
+
+
+@dataclass
+class ModelConfig:
+    family: str = "clipcap"
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 40
+    lr: float = 2e-5
+    warmup_steps: int = 5000
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0       # 0 = no clipping
+    max_steps: int = 0               # 0 = epochs decide
+    seed: int = 42
+    checkpoint_every: int = 1000     # optimizer steps between checkpoints
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    device: str = "auto"             # auto | cpu | cuda
+    feature_cache: bool = True       # encode each image once when CLIP is frozen
+    num_workers: int = 0
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    beam_size: int = 1
+    max_new_tokens: int = 40
+    batch_size: int = 64
+    fixed_caption_baseline: bool = True
+    fixed_caption_candidates: int = 300
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "data.format": {"jsonl", "coco-karpathy"},
+    "data.overlong": {"truncate", "refuse"},
+    "model.family": {"clipcap"},
+    "model.clip.tokens": {"pooled", "full"},
+    "model.projector.type": {"mlp", "ffn", "transformer"},
+    "train.device": {"auto", "cpu", "cuda"},
+    "eval.split": {"train", "val", "test"},
+}
+POSITIVE = {"data.max_caption_tokens", "model.projector.prefix_length", "model.projector.layers",
+            "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
+            "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
+            "eval.batch_size", "eval.fixed_caption_candidates"}
+NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.weight_decay",
+                "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed"}
+# Keys that change how a step runs but not what it produces.
+NOT_FINGERPRINTED = {"train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
+                     "train.keep_checkpoints", "eval.batch_size"}
+
+
+def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    problems.append(f"{key}: expected {kind.__name__}, got {value!r}")
+    return None
+
+
+def _merge(target: Any, updates: dict, prefix: str, problems: list[str]) -> None:
+    hints = get_type_hints(type(target))
+    names = {f.name for f in fields(target)}
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), sorted(names), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            problems.append(f"unknown key '{dotted}'{hint}")
+            continue
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                problems.append(f"{dotted}: expected a mapping, got {value!r}")
+            else:
+                _merge(getattr(target, key), value, dotted + ".", problems)
+            continue
+        coerced = _coerce(value, kind, dotted, problems)
+        if coerced is not None:
+            setattr(target, key, coerced)
+
+
+def _check_values(config: Config, problems: list[str]) -> None:
+    flat = flatten(to_dict(config))
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            problems.append(f"{key}: '{flat[key]}' is not one of {sorted(allowed)}")
+    for key in POSITIVE:
+        if flat[key] <= 0:
+            problems.append(f"{key}: must be > 0, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            problems.append(f"{key}: must be >= 0, got {flat[key]}")
+    if not 0 < config.train.lr < 1:
+        problems.append(f"train.lr: must be in (0, 1), got {config.train.lr}")
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """Turn ["train.lr=1e-4", "model.clip.tokens=full"] into a nested dict."""
+    nested: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise EimError(f"override '{item}' is not key=value", hint="write e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise EimError(f"config file not found: {path}", hint="check the path given to --config")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise EimError("malformed YAML", where=where, hint="fix the syntax at that line") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise EimError("config file must hold a mapping at the top level", where=str(path),
+                       hint="write sections such as `train:` and `model:`")
+    return loaded
+
+
+def load_config(path: Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> Config:
+    """defaults < `base` (e.g. a saved config) < YAML file < overrides; all problems in one error."""
+    config = Config()
+    problems: list[str] = []
+    layers = [base or {}]
+    if path is not None:
+        layers.append(read_yaml(Path(path)))
+    layers.append(parse_overrides(overrides or []))
+    for layer in layers:
+        _merge(config, layer, "", problems)
+    _check_values(config, problems)
+    if problems:
+        source = str(path) if path else "overrides"
+        raise EimError("invalid configuration: " + "; ".join(problems), where=source,
+                       hint="see README.md 'Configuration' for every key and its default")
+    return config
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def fingerprint(data: Any) -> str:
+    """A short, stable hash of JSON-able data."""
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_fingerprint(config: Config, sections: tuple[str, ...] = ("data", "model", "train")) -> str:
+    flat = {k: v for k, v in flatten(to_dict(config)).items()
+            if k.split(".")[0] in sections and k not in NOT_FINGERPRINTED}
+    return fingerprint(flat)
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(copy.deepcopy(to_dict(config)), sort_keys=False)

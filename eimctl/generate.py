@@ -1,0 +1,225 @@
+"""Caption decoding from a prefix of embeddings (ClipCap-style) with a KV cache.
+
+The projector turns CLIP features into `prefix_embeds` [B, P, D]; a Hugging Face
+causal LM continues that prefix. Two decoders live here:
+
+- `generate_captions`: batched greedy or beam search. The prefix runs through the
+  LM once (`inputs_embeds`, `use_cache=True`); every later step feeds one token
+  per row together with the cache, so a step costs O(1) positions, not O(length).
+- `generate_captions_naive`: the reference ClipCap loop, one sample at a time,
+  re-running the whole sequence for every token. Kept as the baseline for
+  `benchmarks/` and as the oracle the tests compare against.
+
+    from eimctl.generate import generate_captions
+    token_lists = generate_captions(lm, prefix_embeds, eos_token_id=tok.eos_token_id, beam_size=5)
+
+transformers 5.x renamed the forward argument `past_key_values` to `cache`
+(the old name is deprecated until 5.40) and the output field to `.cache`; we use
+the new names. Cache objects (`DynamicCache`) are updated in place by each
+forward, and `Cache.reorder_cache(index)` index-selects the batch dimension of
+every layer, which serves both beam reordering and dropping finished rows.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _prepare(lm, prefix_embeds: Tensor) -> Tensor:
+    """Match the prefix to the LM's embedding device and dtype (fp16/bf16 LMs reject fp32 input)."""
+    weight = lm.get_input_embeddings().weight
+    return prefix_embeds.to(device=weight.device, dtype=weight.dtype)
+
+
+class _EvalMode:
+    """Put the LM in eval mode (dropout off) for the block, then restore its previous mode."""
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.was_training = lm.training
+
+    def __enter__(self):
+        self.lm.eval()
+
+    def __exit__(self, *exc):
+        self.lm.train(self.was_training)
+
+
+def generate_captions(
+    lm,
+    prefix_embeds: Tensor,
+    *,
+    eos_token_id: int,
+    max_new_tokens: int = 40,
+    beam_size: int = 1,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """Decode one caption per prefix; returns token ids per sample, without the eos token.
+
+    beam_size == 1 is greedy decoding. For beam_size > 1 finished hypotheses are
+    ranked by sum(log p) / length ** length_penalty, length counting the eos token
+    (length_penalty = 0 ranks by total log-probability).
+    """
+    if prefix_embeds.dim() != 3:
+        raise ValueError(f"prefix_embeds must be [batch, prefix_len, dim], got shape {tuple(prefix_embeds.shape)}")
+    if beam_size < 1 or max_new_tokens < 0:
+        raise ValueError(f"need beam_size >= 1 and max_new_tokens >= 0 (got {beam_size}, {max_new_tokens})")
+    if prefix_embeds.shape[0] == 0 or max_new_tokens == 0:
+        return [[] for _ in range(prefix_embeds.shape[0])]
+    with _EvalMode(lm), torch.inference_mode():
+        prefix = _prepare(lm, prefix_embeds)
+        if beam_size == 1:
+            return _greedy(lm, prefix, eos_token_id, max_new_tokens)
+        return _beam_search(lm, prefix, eos_token_id, max_new_tokens, beam_size, length_penalty)
+
+
+def _greedy(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
+    batch = prefix.shape[0]
+    outputs = lm(inputs_embeds=prefix, use_cache=True)
+    cache, logits = outputs.cache, outputs.logits[:, -1, :]
+    results: list[list[int]] = [[] for _ in range(batch)]
+    # `active[r]` is the sample that cache row r belongs to. Finished rows are
+    # dropped from the batch (and the cache) so later steps only pay for live rows.
+    active = torch.arange(batch, device=prefix.device)
+    for step in range(max_new_tokens):
+        next_tokens = logits.argmax(dim=-1)
+        is_eos = next_tokens == eos_token_id
+        for sample, token, ended in zip(active.tolist(), next_tokens.tolist(), is_eos.tolist()):
+            if not ended:
+                results[sample].append(token)
+        if step == max_new_tokens - 1 or bool(is_eos.all()):
+            break
+        if bool(is_eos.any()):
+            keep = (~is_eos).nonzero().squeeze(1)
+            cache.reorder_cache(keep)
+            active, next_tokens = active[keep], next_tokens[keep]
+        outputs = lm(input_ids=next_tokens[:, None], cache=cache, use_cache=True)
+        cache, logits = outputs.cache, outputs.logits[:, -1, :]
+    return results
+
+
+class _Hypotheses:
+    """The best `beam_size` finished captions of one sample, ranked by length-penalised score."""
+
+    def __init__(self, beam_size: int, length_penalty: float):
+        self.beam_size = beam_size
+        self.length_penalty = length_penalty
+        self.ranked: list[tuple[float, list[int]]] = []  # best first
+
+    def normalised(self, sum_logprobs: float, length: int) -> float:
+        return sum_logprobs / max(length, 1) ** self.length_penalty
+
+    def add(self, tokens: list[int], sum_logprobs: float, length: int) -> None:
+        self.ranked.append((self.normalised(sum_logprobs, length), tokens))
+        self.ranked.sort(key=lambda item: item[0], reverse=True)
+        del self.ranked[self.beam_size:]
+
+    def is_done(self, best_running_sum: float, running_length: int) -> bool:
+        """True once no running beam is expected to beat the worst kept hypothesis.
+
+        Close to Hugging Face's default (early_stopping=False): judge the best
+        running beam as if it ended at the next step. For length_penalty <= 0 this
+        is exact, since a beam's log-prob only falls as it grows.
+        """
+        if len(self.ranked) < self.beam_size:
+            return False
+        return self.normalised(best_running_sum, running_length + 1) <= self.ranked[-1][0]
+
+    def best(self) -> list[int]:
+        return self.ranked[0][1]
+
+
+def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
+                 beam_size: int, length_penalty: float) -> list[list[int]]:
+    batch, device = prefix.shape[0], prefix.device
+    outputs = lm(inputs_embeds=prefix, use_cache=True)
+    cache = outputs.cache
+    if outputs.logits.shape[-1] < 2 * beam_size:
+        raise ValueError(f"beam_size {beam_size} needs a vocabulary of at least {2 * beam_size} tokens")
+    # Rows are laid out sample-major: row = slot * beam_size + beam. All beams of a
+    # sample start from the same prefix, so the prefix is encoded once and copied.
+    cache.batch_repeat_interleave(beam_size)
+    logprobs = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1).repeat_interleave(beam_size, dim=0)
+    vocab = logprobs.shape[-1]
+    # Only beam 0 may expand at the first step, else every beam would pick the same top tokens.
+    beam_sums = torch.full((batch, beam_size), float("-inf"), device=device)
+    beam_sums[:, 0] = 0.0
+    beam_tokens = torch.empty((batch * beam_size, 0), dtype=torch.long, device=device)
+    active = list(range(batch))  # slot -> sample index
+    finished = [_Hypotheses(beam_size, length_penalty) for _ in range(batch)]
+
+    for step in range(max_new_tokens):
+        slots = len(active)
+        candidates = (beam_sums[:, :, None] + logprobs.view(slots, beam_size, vocab)).view(slots, -1)
+        # 2*beam candidates: each beam has a single eos token, so at least `beam_size`
+        # of them continue and the next beam set is always full.
+        top_sums, top_index = candidates.topk(2 * beam_size, dim=-1)
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        top_sums_list, top_beam_list, top_token_list = top_sums.tolist(), top_beam.tolist(), top_token.tolist()
+        history = beam_tokens.tolist()
+
+        next_rows, next_tokens, next_sums, keep_slots = [], [], [], []
+        for slot, sample in enumerate(active):
+            chosen: list[tuple[int, int, float]] = []
+            for rank, (beam, token, total) in enumerate(
+                    zip(top_beam_list[slot], top_token_list[slot], top_sums_list[slot])):
+                row = slot * beam_size + beam
+                if token == eos_token_id:
+                    # Only eos candidates that would have made the beam count (rank < beam_size).
+                    if rank < beam_size:
+                        finished[sample].add(history[row], total, step + 1)
+                else:
+                    chosen.append((row, token, total))
+                if len(chosen) == beam_size:
+                    break
+            if finished[sample].is_done(chosen[0][2], step + 1) or step == max_new_tokens - 1:
+                if step == max_new_tokens - 1:
+                    # Out of budget: running beams compete as they are (no eos).
+                    for row, token, total in chosen:
+                        finished[sample].add(history[row] + [token], total, step + 1)
+                continue
+            keep_slots.append(sample)
+            for row, token, total in chosen:
+                next_rows.append(row)
+                next_tokens.append(token)
+                next_sums.append(total)
+
+        active = keep_slots
+        if not active:
+            break
+        rows = torch.tensor(next_rows, device=device)
+        tokens = torch.tensor(next_tokens, device=device)
+        # One index both follows each beam's parent and drops finished samples.
+        cache.reorder_cache(rows)
+        beam_tokens = torch.cat([beam_tokens[rows], tokens[:, None]], dim=1)
+        beam_sums = torch.tensor(next_sums, device=device).view(len(active), beam_size)
+        outputs = lm(input_ids=tokens[:, None], cache=cache, use_cache=True)
+        cache = outputs.cache
+        logprobs = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
+    return [hypotheses.best() for hypotheses in finished]
+
+
+def generate_captions_naive(lm, prefix_embeds: Tensor, *, eos_token_id: int,
+                            max_new_tokens: int = 40) -> list[list[int]]:
+    """Greedy decoding the original ClipCap way: per sample, no cache, full recompute per token.
+
+    Deliberately slow: it is the baseline that `generate_captions` is measured
+    against and must agree with token for token.
+    """
+    results: list[list[int]] = []
+    with _EvalMode(lm), torch.inference_mode():
+        prefix = _prepare(lm, prefix_embeds)
+        embed_tokens = lm.get_input_embeddings()
+        for sample in range(prefix.shape[0]):
+            sequence = prefix[sample:sample + 1]
+            tokens: list[int] = []
+            for _ in range(max_new_tokens):
+                logits = lm(inputs_embeds=sequence, use_cache=False).logits[0, -1, :]
+                token = int(logits.argmax())
+                if token == eos_token_id:
+                    break
+                tokens.append(token)
+                token_embed = embed_tokens(torch.tensor([[token]], device=sequence.device))
+                sequence = torch.cat([sequence, token_embed], dim=1)
+            results.append(tokens)
+    return results

@@ -1,0 +1,1 @@
+"""Model parts: CLIP encoder, projectors (ST), language model, and the captioner that joins them."""

@@ -1,0 +1,41 @@
+"""Causal language model and tokenizer through Hugging Face's own loaders.
+
+`model.lm.name` is a hub id or a local directory; `model.lm.gguf_file` names a
+GGUF file inside that directory. Remote model code runs only when
+`model.lm.trust_remote_code=true` is set explicitly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eimctl.config import LMConfig
+from eimctl.errors import EimError
+
+
+def load_lm(cfg: LMConfig):
+    """(model, tokenizer); the tokenizer always has an eos token and a pad token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        if not (Path(cfg.name) / cfg.gguf_file).is_file():
+            raise EimError(f"GGUF file not found: {Path(cfg.name) / cfg.gguf_file}", where="model.lm.gguf_file",
+                           hint="model.lm.name must be the folder holding the file")
+        kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise EimError(f"cannot load language model '{cfg.name}': {first}", where="model.lm.name",
+                       hint="give a local directory with config + weights + tokenizer, or download the id once "
+                            "with network access; remote code needs model.lm.trust_remote_code=true") from None
+    if tokenizer.eos_token_id is None:
+        raise EimError(f"the tokenizer of '{cfg.name}' has no eos token", where="model.lm.name",
+                       hint="captions end with eos; use a tokenizer that defines one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,298 @@
+"""`eimctl report`: one table of every run, stage and benchmark, plus training-loss plots.
+
+    eimctl report runs/base runs/eim --out runs/eim/report
+
+Reads only what the steps wrote (DESIGN.md §3):
+
+    runs/<run>/stages/<stage>/{manifest.json, metrics.jsonl}
+    runs/<run>/eval/<stage>-<benchmark>/{manifest.json, metrics.json}
+
+and writes `report.md` (a markdown table, notes, links to the plots) and one
+`loss_<run>_<stage>.png` per stage, each file atomically. Caption metrics are
+shown ×100, as papers print them. Incomplete or unreadable steps become notes
+in the report, never a crash: a report is most wanted while runs are half done.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from rich.table import Table
+
+from eimctl.atomic import atomic_path, write_text
+from eimctl.errors import EimError
+from eimctl.rundir import outputs_intact, read_manifest
+
+# Pipeline order from DESIGN.md §1; other stage names follow alphabetically.
+STAGE_ORDER = ("base", "st", "lm", "adapter", "base-ie")
+# pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
+CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
+                   "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+
+
+@dataclass
+class ReportRow:
+    """One line of the table: a trained stage scored on one benchmark (or not yet scored)."""
+
+    run: str
+    stage: str
+    benchmark: str = "-"
+    split: str = ""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    train_seconds: float | None = None
+    final_loss: float | None = None
+    is_baseline: bool = False
+
+
+@dataclass
+class _Collected:
+    rows: list[ReportRow]
+    notes: list[str]
+    curves: dict[tuple[str, str], list[dict]]  # (run, stage) -> metrics.jsonl records
+
+
+def _stage_sort_key(name: str) -> tuple[int, str]:
+    return (STAGE_ORDER.index(name), "") if name in STAGE_ORDER else (len(STAGE_ORDER), name)
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """Records of a metrics.jsonl and how many lines could not be read (e.g. a line cut by a crash)."""
+    records, bad = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def _complete_manifest(step_dir: Path, label: str, notes: list[str]) -> dict | None:
+    """The step's manifest if the step is complete and intact, else None plus a note saying why."""
+    try:
+        manifest = read_manifest(step_dir)
+    except EimError as error:
+        notes.append(f"{label} skipped: {error.what}")
+        return None
+    if manifest is None:
+        notes.append(f"{label} skipped: no manifest.json (not finished)")
+        return None
+    if manifest.get("status") != "complete":
+        notes.append(f"{label} skipped: status is {manifest.get('status')!r}, not 'complete'")
+        return None
+    broken = outputs_intact(step_dir, manifest)
+    if broken:
+        notes.append(f"{label} skipped: {', '.join(broken)} missing or partial")
+        return None
+    return manifest
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _collect(run_dirs: list[Path]) -> _Collected:
+    rows: list[ReportRow] = []
+    notes: list[str] = []
+    curves: dict[tuple[str, str], list[dict]] = {}
+    names_seen: set[str] = set()
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / "stages").is_dir():
+            raise EimError("not a run directory", where=str(run_dir),
+                           hint="pass runs/<run>, the folder that holds stages/ (and eval/)")
+        run = run_dir.name
+        if run in names_seen:  # two runs/<same name> from different parents
+            run = f"{run_dir.parent.name}/{run_dir.name}"
+        names_seen.add(run)
+
+        stage_rows: dict[str, ReportRow] = {}
+        stage_dirs = sorted((p for p in (run_dir / "stages").iterdir() if p.is_dir()),
+                            key=lambda p: _stage_sort_key(p.name))
+        for folder in stage_dirs:
+            manifest = _complete_manifest(folder, f"{run}: stage {folder.name}", notes)
+            if manifest is None:
+                continue
+            row = ReportRow(run=run, stage=folder.name)
+            wall = manifest.get("wall_seconds")
+            row.train_seconds = float(wall) if _is_number(wall) else None
+            metrics_file = folder / "metrics.jsonl"
+            if metrics_file.is_file():
+                records, bad = _read_jsonl(metrics_file)
+                if bad:
+                    notes.append(f"{run}: stage {folder.name}: {bad} unreadable line(s) in metrics.jsonl ignored")
+                losses = [r["loss"] for r in records if _is_number(r.get("loss"))]
+                row.final_loss = float(losses[-1]) if losses else None
+                curves[(run, folder.name)] = records
+            stage_rows[folder.name] = row
+
+        eval_rows: list[ReportRow] = []
+        eval_root = run_dir / "eval"
+        eval_dirs = sorted(p for p in eval_root.iterdir() if p.is_dir()) if eval_root.is_dir() else []
+        for folder in eval_dirs:
+            label = f"{run}: evaluation {folder.name}"
+            if _complete_manifest(folder, label, notes) is None:
+                continue
+            try:
+                result = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as error:
+                notes.append(f"{label} skipped: metrics.json unreadable ({type(error).__name__})")
+                continue
+            stage = str(result.get("stage", folder.name))
+            benchmark = str(result.get("benchmark", "?"))
+            trained = stage_rows.get(stage, ReportRow(run=run, stage=stage))
+            eval_rows.append(ReportRow(
+                run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
+                metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
+                final_loss=trained.final_loss))
+            for metric, reason in sorted(result.get("unavailable", {}).items()):
+                notes.append(f"{label}: {metric} not computed — {reason}")
+            baseline = result.get("fixed_caption_baseline") or {}
+            if baseline:
+                eval_rows.append(ReportRow(
+                    run=run, stage=stage, benchmark=f"{benchmark} (fixed caption)",
+                    split=str(result.get("split", "")), is_baseline=True,
+                    metrics={metric: entry.get("score") for metric, entry in baseline.items()}))
+                for metric, entry in sorted(baseline.items()):
+                    notes.append(f"{label}: best single caption for {metric}: \"{entry.get('caption')}\"")
+
+        scored_stages = {row.stage for row in eval_rows}
+        # Trained-but-unscored stages still get a row, so training cost and loss stay visible.
+        run_rows = [row for name, row in stage_rows.items() if name not in scored_stages] + eval_rows
+        # Stable sort: a model row stays just above its fixed-caption row.
+        rows.extend(sorted(run_rows, key=lambda r: _stage_sort_key(r.stage)))
+    return _Collected(rows=rows, notes=notes, curves=curves)
+
+
+def collect_rows(run_dirs: list[Path]) -> list[ReportRow]:
+    """The table rows for these run directories (what `render_table` draws)."""
+    return _collect(run_dirs).rows
+
+
+def _format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
+    """(header, row -> cell text) for every column the rows need, shared by markdown and rich."""
+    present = {name for row in rows for name in row.metrics}
+    caption_metrics = [name for name in CAPTION_METRICS if name in present]
+    other_metrics = sorted(present - set(CAPTION_METRICS))
+
+    def metric_cell(name: str, scale: float):
+        def cell(row: ReportRow) -> str:
+            if name not in row.metrics:
+                return ""
+            value = row.metrics[name]
+            return f"{value * scale:.2f}" if _is_number(value) else "n/a"
+        return cell
+
+    columns = [("Run", lambda r: r.run), ("Stage", lambda r: r.stage), ("Benchmark", lambda r: r.benchmark),
+               ("Split", lambda r: r.split)]
+    columns += [(f"{CAPTION_METRICS[name]} ×100", metric_cell(name, 100.0)) for name in caption_metrics]
+    columns += [(name, metric_cell(name, 1.0)) for name in other_metrics]
+    columns += [("Train time", lambda r: _format_seconds(r.train_seconds)),
+                ("Final loss", lambda r: "" if r.final_loss is None else f"{r.final_loss:.4f}")]
+    return columns
+
+
+def render_table(rows: list[ReportRow]) -> Table:
+    """The report table for a terminal (print it with rich.console.Console().print)."""
+    table = Table(title="eimctl report (caption metrics ×100)")
+    columns = _columns(rows)
+    for header, _ in columns:
+        table.add_column(header, justify="left" if header in ("Run", "Stage", "Benchmark", "Split") else "right")
+    for row in rows:
+        table.add_row(*(cell(row) for _, cell in columns), style="dim" if row.is_baseline else None)
+    return table
+
+
+def _markdown_table(rows: list[ReportRow]) -> str:
+    columns = _columns(rows)
+
+    def escape(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(header for header, _ in columns) + " |",
+             "|" + "|".join("---" if i < 4 else "---:" for i in range(len(columns))) + "|"]
+    lines += ["| " + " | ".join(escape(cell(row)) for _, cell in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def _plot_losses(run: str, stage: str, records: list[dict], path: Path) -> bool:
+    """One PNG per stage: every loss* / val_loss* series against the step. False if nothing to plot."""
+    keys = sorted({key for record in records for key, value in record.items()
+                   if key.startswith(("loss", "val_loss")) and _is_number(value)})
+    if not keys:
+        return False
+    # Figure without pyplot: no global backend switch, no state shared with other code (renders with Agg).
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    for key in keys:
+        points = [(record.get("step", index), record[key]) for index, record in enumerate(records)
+                  if _is_number(record.get(key))]
+        steps, values = zip(*points)
+        # Validation losses come every few hundred steps: show the points, not just a line.
+        axes.plot(steps, values, label=key, marker="o" if key.startswith("val_") or len(points) < 20 else None)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(f"{run} — stage {stage}")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return True
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
+    """Write report.md and the loss plots into out_dir; returns the report.md path."""
+    collected = _collect(run_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    plots: list[tuple[str, str, str]] = []
+    for (run, stage), records in collected.curves.items():
+        name = f"loss_{_safe_name(run)}_{_safe_name(stage)}.png"
+        if _plot_losses(run, stage, records, out_dir / name):
+            plots.append((run, stage, name))
+
+    lines = ["# eimctl report", "", "Runs: " + ", ".join(f"`{Path(p)}`" for p in run_dirs), ""]
+    if collected.rows:
+        lines += ["## Results", "",
+                  "Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) are ×100, as in papers; "
+                  "other metrics as the benchmark reports them. Train time is the stage's wall time "
+                  "(h:mm:ss); final loss is the last logged training loss. A \"fixed caption\" row scores "
+                  "one caption predicted for every image (each metric picks its own best caption), "
+                  "a floor to beat.", "", _markdown_table(collected.rows), ""]
+    else:
+        lines += ["No complete stages or evaluations found.", ""]
+    if collected.notes:
+        lines += ["## Notes", ""] + [f"- {note}" for note in collected.notes] + [""]
+    if plots:
+        lines += ["## Training loss", ""]
+        for run, stage, name in plots:
+            lines += [f"- [{run} / {stage}]({name})"]
+        lines += [""]
+        for run, stage, name in plots:
+            lines += [f"![training loss, {run} / {stage}]({name})", ""]
+    report_path = out_dir / "report.md"
+    write_text(report_path, "\n".join(lines))
+    return report_path

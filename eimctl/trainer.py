@@ -1,0 +1,203 @@
+"""The training loop shared by every stage: resumable, checkpointed, logged.
+
+A stage supplies the model, which parameters train, a `collate(indices)` that
+builds a batch from sample indices, and `losses(batch)` returning named losses
+(their sum is optimised). The loop owns data order, optimiser, schedule,
+checkpoints, resume and metrics. Data order is a seeded permutation per epoch,
+so resuming mid-epoch continues with exactly the batches that were next.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from eimctl.atomic import write_text
+from eimctl.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint, WEIGHTS
+from eimctl.config import TrainConfig
+from eimctl.errors import EimError
+from eimctl.progress import StepProgress, log
+
+
+@dataclass
+class Plan:
+    dataset_size: int
+    batch_size: int
+    epochs: int
+    max_steps: int
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.dataset_size / self.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        total = self.steps_per_epoch * self.epochs
+        return min(total, self.max_steps) if self.max_steps else total
+
+
+def epoch_order(seed: int, epoch: int, size: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(size, generator=generator).tolist()
+
+
+def batches_from(plan: Plan, seed: int, start_step: int):
+    """Index lists for steps start_step .. total_steps-1."""
+    step = start_step
+    while step < plan.total_steps:
+        epoch, offset = divmod(step, plan.steps_per_epoch)
+        order = epoch_order(seed, epoch, plan.dataset_size)
+        for k in range(offset, plan.steps_per_epoch):
+            if step >= plan.total_steps:
+                return
+            yield order[k * plan.batch_size:(k + 1) * plan.batch_size]
+            step += 1
+
+
+class _Indices(Dataset):
+    """DataLoader plumbing: workers receive index lists and run the stage's collate."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __len__(self):
+        return 0
+
+    def __getitem__(self, index):
+        return index
+
+
+def linear_warmup_decay(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return factor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EimError("train.device=cuda but no CUDA device is visible", hint="use train.device=auto or cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}  # dropout is the only randomness inside a step
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # a torn last line from a crash
+    write_text(path, "".join(line + "\n" for line in kept))
+
+
+def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
+        dataset_size: int, cfg: TrainConfig, out_dir: Path, config_fp: str, device: torch.device,
+        resume: str = "auto", show: bool = True) -> dict:
+    """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints."""
+    plan = Plan(dataset_size, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise EimError(f"stage '{stage}' has nothing to train", hint="check the stage's trainable modules")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, plan.total_steps))
+    checkpoints = out_dir / "checkpoints"
+    metrics_path = out_dir / "metrics.jsonl"
+    step, interval = 0, {"sum": {}, "count": 0}
+    found = list_checkpoints(checkpoints)
+    if found and resume == "never":
+        raise EimError(f"stage '{stage}' has checkpoints from an interrupted run", where=str(checkpoints),
+                       hint="pass --resume auto to continue it, or --force to start over")
+    if found:
+        state = load_state(found[-1])
+        if state.get("config_fingerprint") != config_fp:
+            raise EimError(f"checkpoints of stage '{stage}' come from another config", where=str(found[-1]),
+                           hint="resume with the config they were made with, or --force to start over")
+        load_weights(model, found[-1] / WEIGHTS)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _restore_rng(state["rng"])
+        step, interval = state["step"], state["interval"]
+        _truncate_metrics(metrics_path, step)
+        log(f"resuming stage '{stage}' from step {step} ({found[-1].name})", show)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    model.to(device)
+    model.train()
+    loader = DataLoader(_Indices(collate), batch_sampler=batches_from(plan, cfg.seed, step), collate_fn=collate,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        # its own generator: drawing worker seeds must not move the global RNG (dropout)
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    progress = StepProgress(f"train {stage}", plan.total_steps, start=step, log_every=cfg.log_every, enabled=show)
+    started, samples_seen, last_losses = time.time(), 0, {}
+    crash_at = int(os.environ.get("EIMCTL_TEST_CRASH_AT_STEP", "0"))
+    with open(metrics_path, "a", encoding="utf-8") as metrics:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            named = losses(batch)
+            total = sum(named.values())
+            if not torch.isfinite(total):
+                raise EimError(f"loss became {total.item()} at step {step + 1}", where=str(out_dir),
+                               hint="lower train.lr or check the data; resume from the last checkpoint")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            samples_seen += len(batch["indices"])
+            last_losses = {"loss": total.item(), **{k: v.item() for k, v in named.items()}}
+            for key, value in last_losses.items():
+                interval["sum"][key] = interval["sum"].get(key, 0.0) + value
+            interval["count"] += 1
+            if step % cfg.log_every == 0 or step == plan.total_steps:
+                elapsed = time.time() - started
+                record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+                          **{k: v / interval["count"] for k, v in interval["sum"].items()},
+                          "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 3),
+                          "samples_per_s": round(samples_seen / max(elapsed, 1e-9), 2)}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                interval = {"sum": {}, "count": 0}
+            progress.update(step, f"loss {last_losses['loss']:.4f}")
+            if step % cfg.checkpoint_every == 0 and step < plan.total_steps:
+                metrics.flush()
+                save_checkpoint(checkpoints, step, model, {
+                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(), "interval": interval, "config_fingerprint": config_fp},
+                    keep=cfg.keep_checkpoints)
+            if crash_at == step:  # fault injection for the resume tests: die like a killed job
+                metrics.flush()
+                os._exit(137)
+    progress.close()
+    return {"steps": step, "final_loss": last_losses.get("loss"), "samples_per_s": samples_seen / max(
+        time.time() - started, 1e-9)}
