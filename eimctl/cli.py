@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -102,7 +103,8 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run dire
     target = out or (run_dirs[0] / "report")
     path = write_report(run_dirs, target)
     if not quiet:
-        Console().print(render_table(collect_rows(run_dirs)))
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        console.print(render_table(collect_rows(run_dirs)))
         print(f"report written to {path}")
 
 

@@ -5,7 +5,8 @@ causal LM continues that prefix. Two decoders live here:
 
 - `generate_captions`: batched greedy or beam search. The prefix runs through the
   LM once (`inputs_embeds`, `use_cache=True`); every later step feeds one token
-  per row together with the cache, so a step costs O(1) positions, not O(length).
+  per row together with the cache, so the network runs on one new position per
+  row instead of the whole sequence.
 - `generate_captions_naive`: the reference ClipCap loop, one sample at a time,
   re-running the whole sequence for every token. Kept as the baseline for
   `benchmarks/` and as the oracle the tests compare against.
@@ -15,11 +16,14 @@ causal LM continues that prefix. Two decoders live here:
 
 transformers 5.x renamed the forward argument `past_key_values` to `cache`
 (the old name is deprecated until 5.40) and the output field to `.cache`; we use
-the new names. Cache objects (`DynamicCache`) are updated in place by each
-forward, and `Cache.reorder_cache(index)` index-selects the batch dimension of
-every layer, which serves both beam reordering and dropping finished rows.
+the new names, falling back to the old ones for LMs that only know those.
+Cache objects (`DynamicCache`) are updated in place by each forward, and
+`Cache.reorder_cache(index)` index-selects the batch dimension of every layer,
+which serves both beam reordering and dropping finished rows.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import Tensor
@@ -29,6 +33,26 @@ def _prepare(lm, prefix_embeds: Tensor) -> Tensor:
     """Match the prefix to the LM's embedding device and dtype (fp16/bf16 LMs reject fp32 input)."""
     weight = lm.get_input_embeddings().weight
     return prefix_embeds.to(device=weight.device, dtype=weight.dtype)
+
+
+def _cached_forward(lm):
+    """`forward(token_ids, cache) -> (logits of the last position, cache)` for this LM.
+
+    transformers 5.x calls the cache `cache`; 4.x models and some custom ones still
+    take `past_key_values`, and an unknown keyword would vanish into **kwargs,
+    silently decoding without a cache. So look at the signature once.
+    """
+    parameters = inspect.signature(lm.forward).parameters
+    name = "past_key_values" if "past_key_values" in parameters and "cache" not in parameters else "cache"
+
+    def forward(token_ids: Tensor, cache):
+        outputs = lm(input_ids=token_ids, use_cache=True, **{name: cache})
+        return outputs.logits[:, -1, :], _cache_of(outputs)
+    return forward
+
+
+def _cache_of(outputs):
+    return outputs.cache if hasattr(outputs, "cache") else outputs.past_key_values
 
 
 class _EvalMode:
@@ -75,26 +99,27 @@ def generate_captions(
 
 def _greedy(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int) -> list[list[int]]:
     batch = prefix.shape[0]
+    step_forward = _cached_forward(lm)
     outputs = lm(inputs_embeds=prefix, use_cache=True)
-    cache, logits = outputs.cache, outputs.logits[:, -1, :]
+    cache, logits = _cache_of(outputs), outputs.logits[:, -1, :]
     results: list[list[int]] = [[] for _ in range(batch)]
     # `active[r]` is the sample that cache row r belongs to. Finished rows are
     # dropped from the batch (and the cache) so later steps only pay for live rows.
-    active = torch.arange(batch, device=prefix.device)
+    active = list(range(batch))
     for step in range(max_new_tokens):
         next_tokens = logits.argmax(dim=-1)
-        is_eos = next_tokens == eos_token_id
-        for sample, token, ended in zip(active.tolist(), next_tokens.tolist(), is_eos.tolist()):
-            if not ended:
-                results[sample].append(token)
-        if step == max_new_tokens - 1 or bool(is_eos.all()):
+        token_list = next_tokens.tolist()  # the one host sync per step: needed to know who stopped
+        live = [row for row, token in enumerate(token_list) if token != eos_token_id]
+        for row in live:
+            results[active[row]].append(token_list[row])
+        if step == max_new_tokens - 1 or not live:
             break
-        if bool(is_eos.any()):
-            keep = (~is_eos).nonzero().squeeze(1)
+        if len(live) < len(active):
+            keep = torch.tensor(live, device=prefix.device)
             cache.reorder_cache(keep)
-            active, next_tokens = active[keep], next_tokens[keep]
-        outputs = lm(input_ids=next_tokens[:, None], cache=cache, use_cache=True)
-        cache, logits = outputs.cache, outputs.logits[:, -1, :]
+            next_tokens = next_tokens[keep]
+            active = [active[row] for row in live]
+        logits, cache = step_forward(next_tokens[:, None], cache)
     return results
 
 
@@ -132,8 +157,9 @@ class _Hypotheses:
 def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
                  beam_size: int, length_penalty: float) -> list[list[int]]:
     batch, device = prefix.shape[0], prefix.device
+    step_forward = _cached_forward(lm)
     outputs = lm(inputs_embeds=prefix, use_cache=True)
-    cache = outputs.cache
+    cache = _cache_of(outputs)
     if outputs.logits.shape[-1] < 2 * beam_size:
         raise ValueError(f"beam_size {beam_size} needs a vocabulary of at least {2 * beam_size} tokens")
     # Rows are laid out sample-major: row = slot * beam_size + beam. All beams of a
@@ -144,19 +170,18 @@ def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
     # Only beam 0 may expand at the first step, else every beam would pick the same top tokens.
     beam_sums = torch.full((batch, beam_size), float("-inf"), device=device)
     beam_sums[:, 0] = 0.0
-    beam_tokens = torch.empty((batch * beam_size, 0), dtype=torch.long, device=device)
+    histories: list[list[int]] = [[] for _ in range(batch * beam_size)]  # tokens of each row so far
     active = list(range(batch))  # slot -> sample index
     finished = [_Hypotheses(beam_size, length_penalty) for _ in range(batch)]
 
     for step in range(max_new_tokens):
         slots = len(active)
         candidates = (beam_sums[:, :, None] + logprobs.view(slots, beam_size, vocab)).view(slots, -1)
-        # 2*beam candidates: each beam has a single eos token, so at least `beam_size`
-        # of them continue and the next beam set is always full.
+        # 2*beam candidates: each beam contributes at most one eos candidate, so at
+        # least `beam_size` of them continue and the next beam set is always full.
         top_sums, top_index = candidates.topk(2 * beam_size, dim=-1)
         top_beam, top_token = top_index // vocab, top_index % vocab
         top_sums_list, top_beam_list, top_token_list = top_sums.tolist(), top_beam.tolist(), top_token.tolist()
-        history = beam_tokens.tolist()
 
         next_rows, next_tokens, next_sums, keep_slots = [], [], [], []
         for slot, sample in enumerate(active):
@@ -167,7 +192,7 @@ def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
                 if token == eos_token_id:
                     # Only eos candidates that would have made the beam count (rank < beam_size).
                     if rank < beam_size:
-                        finished[sample].add(history[row], total, step + 1)
+                        finished[sample].add(histories[row], total, step + 1)
                 else:
                     chosen.append((row, token, total))
                 if len(chosen) == beam_size:
@@ -176,7 +201,7 @@ def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
                 if step == max_new_tokens - 1:
                     # Out of budget: running beams compete as they are (no eos).
                     for row, token, total in chosen:
-                        finished[sample].add(history[row] + [token], total, step + 1)
+                        finished[sample].add(histories[row] + [token], total, step + 1)
                 continue
             keep_slots.append(sample)
             for row, token, total in chosen:
@@ -191,11 +216,10 @@ def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
         tokens = torch.tensor(next_tokens, device=device)
         # One index both follows each beam's parent and drops finished samples.
         cache.reorder_cache(rows)
-        beam_tokens = torch.cat([beam_tokens[rows], tokens[:, None]], dim=1)
+        histories = [histories[row] + [token] for row, token in zip(next_rows, next_tokens)]
         beam_sums = torch.tensor(next_sums, device=device).view(len(active), beam_size)
-        outputs = lm(input_ids=tokens[:, None], cache=cache, use_cache=True)
-        cache = outputs.cache
-        logprobs = torch.log_softmax(outputs.logits[:, -1, :].float(), dim=-1)
+        logits, cache = step_forward(tokens[:, None], cache)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
     return [hypotheses.best() for hypotheses in finished]
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
+from rich import box
 from rich.table import Table
 
 from eimctl.atomic import atomic_path, write_text
@@ -211,10 +212,21 @@ def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
 
 def render_table(rows: list[ReportRow]) -> Table:
     """The report table for a terminal (print it with rich.console.Console().print)."""
-    table = Table(title="eimctl report (caption metrics ×100)")
+    # Terminals are narrow: the title carries the ×100, headers are short, borders
+    # light, and only the benchmark name may wrap.
     columns = _columns(rows)
+    splits = {row.split for row in rows if row.split}
+    title = "eimctl report (caption metrics ×100)"
+    if len(splits) <= 1:  # one split for all rows: say it once
+        columns = [column for column in columns if column[0] != "Split"]
+        title += f", split: {splits.pop()}" if splits else ""
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True)
+    short = {"Train time": "Train", "Final loss": "Loss"}
     for header, _ in columns:
-        table.add_column(header, justify="left" if header in ("Run", "Stage", "Benchmark", "Split") else "right")
+        text_column = header in ("Run", "Stage", "Benchmark", "Split")
+        table.add_column(short.get(header, header.removesuffix(" ×100")),
+                         justify="left" if text_column else "right", no_wrap=header != "Benchmark",
+                         min_width=12 if header == "Benchmark" else None)
     for row in rows:
         table.add_row(*(cell(row) for _, cell in columns), style="dim" if row.is_baseline else None)
     return table

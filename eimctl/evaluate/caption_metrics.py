@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -49,7 +50,6 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 from eimctl.atomic import write_json
 from eimctl.errors import EimError
 
-METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 # pycocoevalcap is a namespace package (no __file__), so locate it through a submodule.
 SPICE_JAR = Path(_bleu_module.__file__).parent.parent / "spice" / "spice-1.0.jar"
@@ -66,12 +66,19 @@ def _tokenize(groups: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, li
         for group, by_id in groups.items()
         for key, captions in by_id.items()
     }
+    if merged and shutil.which("java") is None:
+        raise EimError("java not found", "caption metrics",
+                       "install a Java runtime (8 or newer): pycocoevalcap's tokenizer and METEOR run on it")
     tokenized = PTBTokenizer().tokenize(merged) if merged else {}
     result: dict[str, dict[str, list[str]]] = {group: {} for group in groups}
     for group, by_id in groups.items():
         for key, captions in by_id.items():
             # An empty caption list never reaches the tokenizer, so it has no entry there.
             result[group][key] = tokenized.get((group, key), [])
+            if len(result[group][key]) != len(captions):  # output lines out of step with input captions
+                raise EimError(f"PTBTokenizer returned {len(result[group][key])} line(s) for the "
+                               f"{len(captions)} caption(s) of {key!r}", "caption metrics",
+                               "report this caption text as a bug")
     return result
 
 
@@ -132,8 +139,11 @@ def _spice(gts: dict[str, list[str]], res: dict[str, list[str]], spice_jars: Pat
                    str(in_file), "-out", str(out_file), "-subset", "-silent"]
         completed = subprocess.run(command, capture_output=True, text=True)
         if completed.returncode != 0 or not out_file.is_file():
-            tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-            return None, f"SPICE failed (exit {completed.returncode}): {tail}"
+            # A Java stack trace: its first line names the exception, the rest are frames.
+            lines = [line.strip() for line in completed.stderr.splitlines() if line.strip()]
+            cause = next((line for line in lines if "Exception" in line or "Error" in line),
+                         lines[-1] if lines else "no output")
+            return None, f"SPICE failed (exit {completed.returncode}): {cause}"
         results = json.loads(out_file.read_text())
 
     def as_float(value) -> float:

@@ -1,0 +1,183 @@
+"""EIM's full-dataset InfoNCE against a frozen key queue, and the pooling that makes queries.
+
+    L_i = -log softmax_j(q̂_i · K̂_j / τ)[positive_i],   j over all N queue rows
+
+N reaches 566,747 at COCO scale, so the B×N logits are never kept: one pass
+streams over key chunks with an online log-sum-exp and, when the query needs a
+gradient, accumulates Σ_j p_ij K̂_j alongside it, so the backward pass is just
+dL/dq̂ = (Σ_j p_ij K̂_j − K̂_pos_i)/(τB). Peak memory is O(B·chunk + chunk·d)
+whatever N is, and each key is read once per step.
+
+    keys, _ = open_queue(stage_dir / "kt.parquet", expect_rows=len(train))  # eimctl.queue_store
+    loss = queue_infonce(query, keys, batch["index"])   # keys: np.memmap or a (GPU) Tensor
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from eimctl.errors import EimError
+
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_CHUNK_ROWS = 65_536
+
+
+def queue_infonce(query: Tensor, keys: np.ndarray | Tensor, positive: Tensor, *,
+                  temperature: float = DEFAULT_TEMPERATURE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                  normalise: bool = True) -> Tensor:
+    """Mean InfoNCE of `query` [B, d] against every row of the frozen `keys` [N, d].
+
+    `positive` [B] holds each query's row in `keys`. With `normalise`, both the
+    queries (with ordinary autograd, so the gradient flows through the norm) and
+    the key chunks are L2-normalised; normalising an already normalised queue is
+    harmless. Keys may be a numpy array/memmap (any float dtype, read a chunk at
+    a time) or a Tensor on any device. The loss is computed in float32 (float64
+    if the query is float64) and returned as a float scalar.
+    """
+    _check_inputs(query, keys, positive, temperature, chunk_rows)
+    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    query = query.to(compute_dtype)
+    if normalise:
+        query = F.normalize(query, dim=-1)
+    positive = positive.to(device=query.device, dtype=torch.long)
+    # Inside Function.forward grad mode is always off and needs_input_grad ignores no_grad(),
+    # so decide here whether the gradient accumulation is worth doing.
+    needs_grad = torch.is_grad_enabled() and query.requires_grad
+    return _QueueInfoNCE.apply(query, positive, keys, temperature, chunk_rows, normalise, needs_grad)
+
+
+def infonce_reference(query: Tensor, keys: Tensor, positive: Tensor,
+                      temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+    """The plain version: all B×N logits at once. For tests and benchmarks only."""
+    keys = torch.as_tensor(np.asarray(keys)) if not isinstance(keys, Tensor) else keys
+    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    query_unit = F.normalize(query.to(compute_dtype), dim=-1)
+    keys_unit = F.normalize(keys.to(device=query.device, dtype=compute_dtype), dim=-1)
+    return F.cross_entropy(query_unit @ keys_unit.T / temperature, positive.to(query.device).long())
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `hidden` [B, L, D] over the positions where `mask` [B, L] is 1 (rows with none give 0)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1)
+
+
+def last_token(hidden: Tensor, mask: Tensor) -> Tensor:
+    """`hidden` [B, L, D] at each row's last position where `mask` [B, L] is 1.
+
+    Written for right padding, but taking the last 1 (not `mask.sum() - 1`)
+    keeps it right for left padding too.
+    """
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last = torch.where(mask.bool(), positions, torch.full_like(positions, -1)).amax(dim=1)
+    if bool((last < 0).any()):
+        raise ValueError("last_token: a row of the mask has no 1s, so it has no last token")
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class _QueueInfoNCE(torch.autograd.Function):
+    """InfoNCE for already-normalised queries; keys are frozen and read chunk by chunk.
+
+    The only gradient is dL/dq̂_i = (Σ_j p_ij K̂_j − K̂_pos_i)/(τB), and Σ_j p_ij K̂_j
+    can be accumulated during the forward pass with the same online rescaling as
+    the log-sum-exp. Doing so reads and converts every key chunk once per step
+    instead of twice (forward, then a recomputing backward): at COCO scale on CPU
+    that is most of the cost. It is skipped when no gradient is wanted (no_grad, eval).
+    """
+
+    @staticmethod
+    def forward(ctx, query_unit: Tensor, positive: Tensor, keys, temperature: float, chunk_rows: int,
+                normalise: bool, needs_grad: bool) -> Tensor:
+        batch = query_unit.shape[0]
+        running_max = torch.full((batch,), float("-inf"), dtype=query_unit.dtype, device=query_unit.device)
+        running_sum = torch.zeros_like(running_max)
+        running_keys = torch.zeros_like(query_unit)  # Σ_j exp(logit_ij − running_max_i) K̂_j
+        for key_chunk, column_scale in _key_chunks(keys, chunk_rows, query_unit, normalise, temperature):
+            logits = (query_unit @ key_chunk.T).mul_(column_scale)
+            # Online log-sum-exp: rescale what was summed so far whenever a larger logit turns up.
+            new_max = torch.maximum(running_max, logits.amax(dim=1))
+            rescale = torch.exp(running_max - new_max)
+            weights = logits.sub_(new_max.unsqueeze(1)).exp_()
+            running_sum = running_sum * rescale + weights.sum(dim=1)
+            if needs_grad:
+                # K̂_j = K_j/‖K_j‖: fold the key norms into the weights instead of rescaling the chunk.
+                if normalise:
+                    weights.mul_(column_scale * temperature)
+                running_keys = running_keys * rescale.unsqueeze(1) + weights @ key_chunk
+            running_max = new_max
+        log_normaliser = running_max + torch.log(running_sum)
+        positive_keys = _gather_rows(keys, positive, query_unit, normalise)
+        positive_logits = (query_unit * positive_keys).sum(dim=1) / temperature
+        if needs_grad:
+            expected_key = running_keys / running_sum.unsqueeze(1)  # Σ_j p_ij K̂_j
+            ctx.save_for_backward(expected_key - positive_keys)
+            ctx.scale = 1.0 / (temperature * batch)
+        return (log_normaliser - positive_logits).mean()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor):
+        (key_difference,) = ctx.saved_tensors
+        return key_difference * (grad_loss * ctx.scale), None, None, None, None, None, None
+
+
+def _key_chunks(keys, chunk_rows: int, like: Tensor, normalise: bool, temperature: float):
+    """Yield ([chunk, d] raw keys on `like`'s device and dtype, per-key logit scale [chunk]).
+
+    The scale is 1/(τ‖K_j‖) (or 1/τ without `normalise`): scaling the B×chunk
+    logits is far cheaper than writing a normalised copy of the chunk. Chunks
+    that need converting (a float16 memmap, another device) go through one
+    reused buffer, so no chunk-sized memory is allocated per step.
+    """
+    buffer = None
+    for start in range(0, len(keys), chunk_rows):
+        block = keys[start:start + chunk_rows]
+        if not isinstance(block, Tensor):
+            with warnings.catch_warnings():
+                # A read-only memmap slice: torch warns it is not writable; we only read it.
+                warnings.simplefilter("ignore", UserWarning)
+                block = torch.from_numpy(block)
+        block = block.detach()
+        if block.device != like.device or block.dtype != like.dtype:
+            if buffer is None:
+                buffer = torch.empty(min(chunk_rows, len(keys)), keys.shape[1], dtype=like.dtype,
+                                     device=like.device)
+            block = buffer[:len(block)].copy_(block)
+        if normalise:
+            scale = torch.linalg.vector_norm(block, dim=1).clamp_min_(1e-12).reciprocal_().div_(temperature)
+        else:
+            scale = torch.full((len(block),), 1 / temperature, dtype=like.dtype, device=like.device)
+        yield block, scale
+
+
+def _gather_rows(keys, rows: Tensor, like: Tensor, normalise: bool) -> Tensor:
+    if isinstance(keys, Tensor):
+        block = keys.index_select(0, rows.to(keys.device))
+    else:
+        block = torch.from_numpy(np.ascontiguousarray(keys[rows.cpu().numpy()]))
+    block = block.detach().to(device=like.device, dtype=like.dtype)
+    return F.normalize(block, dim=-1) if normalise else block
+
+
+def _check_inputs(query: Tensor, keys, positive: Tensor, temperature: float, chunk_rows: int) -> None:
+    if query.ndim != 2 or keys.ndim != 2:
+        raise ValueError(f"queue_infonce wants query [B, d] and keys [N, d], got {tuple(query.shape)} "
+                         f"and {tuple(keys.shape)}")
+    if query.shape[1] != keys.shape[1]:
+        raise EimError(f"query width {query.shape[1]} does not match the key queue width {keys.shape[1]}",
+                       hint="the queue was built for another model or feature; rebuild it with "
+                            "`eimctl build-queues --force` or fix the query head's output size")
+    if positive.shape != (query.shape[0],):
+        raise ValueError(f"positive must have shape [{query.shape[0]}], got {tuple(positive.shape)}")
+    if temperature <= 0 or chunk_rows < 1:
+        raise ValueError(f"temperature must be > 0 and chunk_rows >= 1, got {temperature} and {chunk_rows}")
+    outside = positive[(positive < 0) | (positive >= keys.shape[0])]
+    if outside.numel():
+        raise EimError(f"queue index {int(outside[0])} is outside the key queue's {keys.shape[0]} rows",
+                       hint="the queue was built from another data set; rebuild it with "
+                            "`eimctl build-queues --force`")

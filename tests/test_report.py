@@ -1,0 +1,113 @@
+"""`eimctl report` (eimctl.report) on a hand-made run directory."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from rich.console import Console
+
+from eimctl.errors import EimError
+from eimctl.report import collect_rows, render_table, write_report
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def complete(stage: str, wall_seconds: float) -> dict:
+    return {"status": "complete", "step": "train-stage", "stage": stage, "config": {}, "wall_seconds": wall_seconds}
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    run = tmp_path / "runs" / "eim"
+    write(run / "stages/st/manifest.json", complete("st", 54.0))
+    write(run / "stages/st/metrics.jsonl",
+          "\n".join(json.dumps({"step": s, "epoch": s / 4, "loss": 3.0 - s / 4, "loss_st": 3.0 - s / 4,
+                                "lr": 1e-3, "elapsed_s": s}) for s in range(1, 5))
+          + '\n{"step": 5, "loss": 2.')  # a line cut off by a crash is skipped, not fatal
+    write(run / "stages/base-ie/manifest.json", complete("base-ie", 3723.4))
+    records = [{"step": 10, "epoch": 0.5, "loss": 2.5, "loss_base": 2.0, "loss_ie": 0.5, "lr": 1e-4, "elapsed_s": 1.0},
+               {"step": 20, "epoch": 1.0, "loss": 1.25, "loss_base": 1.0, "loss_ie": 0.25, "val_loss": 1.5,
+                "lr": 1e-4, "elapsed_s": 2.0}]
+    write(run / "stages/base-ie/metrics.jsonl", "\n".join(json.dumps(r) for r in records) + "\n")
+    write(run / "stages/lm/manifest.json", {"status": "running", "step": "train-stage", "stage": "lm"})
+    (run / "stages/adapter").mkdir(parents=True)  # started, never finished
+    metrics = {"Bleu_1": 0.7, "Bleu_2": 0.5, "Bleu_3": 0.4, "Bleu_4": 0.31, "METEOR": 0.25, "ROUGE_L": 0.55,
+               "CIDEr": 1.0, "SPICE": None}
+    write(run / "eval/base-ie-coco/metrics.json",
+          {"benchmark": "coco", "stage": "base-ie", "split": "test", "metrics": metrics,
+           "unavailable": {"SPICE": "Stanford CoreNLP 3.6.0 jars not given; pass --spice-jars DIR"},
+           "fixed_caption_baseline": {"Bleu_4": {"caption": "a man riding a horse", "score": 0.05},
+                                      "CIDEr": {"caption": "a plate of food", "score": 0.123}},
+           "wall_seconds": 12.0})
+    write(run / "eval/base-ie-coco/manifest.json", {"status": "complete", "step": "evaluate"})
+    return run
+
+
+def test_rows_hold_scaled_metrics_training_time_and_loss(run_dir):
+    rows = collect_rows([run_dir])
+    assert [(r.stage, r.benchmark) for r in rows] == [("st", "-"), ("base-ie", "coco"),
+                                                      ("base-ie", "coco (fixed caption)")]
+    st, model, floor = rows
+    assert st.final_loss == 2.0 and st.train_seconds == 54.0 and st.metrics == {}
+    assert model.final_loss == 1.25 and model.train_seconds == 3723.4
+    assert model.metrics["Bleu_4"] == 0.31 and model.metrics["SPICE"] is None
+    assert floor.is_baseline and floor.metrics == {"Bleu_4": 0.05, "CIDEr": 0.123}
+
+    console = Console(record=True, width=250)
+    console.print(render_table(rows))
+    text = console.export_text()
+    assert "(caption metrics ×100)" in text and "BLEU-4" in text and "CIDEr" in text
+    assert "31.00" in text and "100.00" in text and "12.30" in text and "n/a" in text
+    assert "1:02:03" in text and "1.2500" in text
+
+
+def test_report_markdown_and_plots(run_dir, tmp_path):
+    out = tmp_path / "report"
+    path = write_report([run_dir], out)
+    assert path == out / "report.md"
+    markdown = path.read_text()
+    lines = markdown.splitlines()
+    header = next(line for line in lines if line.startswith("| Run"))
+    assert header == ("| Run | Stage | Benchmark | Split | BLEU-1 ×100 | BLEU-2 ×100 | BLEU-3 ×100 | BLEU-4 ×100 "
+                      "| METEOR ×100 | ROUGE-L ×100 | CIDEr ×100 | SPICE ×100 | Train time | Final loss |")
+    assert "| eim | st | - |  |  |  |  |  |  |  |  |  | 0:00:54 | 2.0000 |" in lines
+    assert ("| eim | base-ie | coco | test | 70.00 | 50.00 | 40.00 | 31.00 | 25.00 | 55.00 | 100.00 | n/a "
+            "| 1:02:03 | 1.2500 |") in lines
+    assert "| eim | base-ie | coco (fixed caption) | test |  |  |  | 5.00 |  |  | 12.30 |  |  |  |" in lines
+    # Incomplete stages are notes, not rows or crashes.
+    assert "eim: stage lm skipped: status is 'running', not 'complete'" in markdown
+    assert "eim: stage adapter skipped: no manifest.json" in markdown
+    assert "1 unreadable line(s)" in markdown
+    assert "SPICE not computed — Stanford CoreNLP 3.6.0 jars not given" in markdown
+    assert 'best single caption for CIDEr: "a plate of food"' in markdown
+
+    for stage in ("st", "base-ie"):
+        png = out / f"loss_eim_{stage}.png"
+        assert f"]({png.name})" in markdown
+        assert png.read_bytes()[:8] == PNG_SIGNATURE
+        height, width, _ = matplotlib.image.imread(png).shape
+        assert (width, height) == (700, 400)
+    assert sorted(p.name for p in out.iterdir()) == ["loss_eim_base-ie.png", "loss_eim_st.png", "report.md"]
+
+
+def test_incomplete_evaluation_is_skipped(run_dir, tmp_path):
+    write(run_dir / "eval/base-ie-coco/manifest.json", {"status": "running"})
+    rows = collect_rows([run_dir])
+    assert [(r.stage, r.benchmark) for r in rows] == [("st", "-"), ("base-ie", "-")]
+    markdown = write_report([run_dir], tmp_path / "r").read_text()
+    assert "eim: evaluation base-ie-coco skipped: status is 'running'" in markdown
+
+
+def test_not_a_run_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EimError, match="not a run directory"):
+        write_report([tmp_path / "empty"], tmp_path / "out")
+    with pytest.raises(EimError, match="not a run directory"):
+        collect_rows([tmp_path / "nowhere"])
