@@ -33,10 +33,6 @@ def user_errors(command):
     return wrapper
 
 
-class Stage(str, Enum):
-    base = "base"
-
-
 class Resume(str, Enum):
     auto = "auto"
     never = "never"
@@ -50,19 +46,42 @@ QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
 
 @app.command("train-stage")
 @user_errors
-def train_stage(stage: Stage = typer.Argument(..., help="Stage to train: base (ClipCap baseline)."),
+def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st, lm, base-ie (EIM), base "
+                                                     "(plain baseline), or any stage the config's `stages` "
+                                                     "defines."),
                 overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides, "
                                                                            "e.g. train.lr=1e-4"),
                 run_dir: Path = RUN_DIR, config: Optional[Path] = CONFIG,
                 resume: Resume = typer.Option(Resume.auto, help="auto: continue from the last checkpoint; "
                                                                 "never: refuse if checkpoints exist."),
                 force: bool = FORCE, quiet: bool = QUIET):
-    """Train one stage into RUN_DIR/stages/STAGE (resumable; checkpoints in safetensors)."""
+    """Train one stage into RUN_DIR/stages/STAGE (resumable; checkpoints in safetensors).
+
+    A stage starts from its `init` (pretrained models or an earlier stage of the same run and
+    config) and trains only its own modules with its own losses; see eimctl/schedule.py.
+    """
     from eimctl.config import load_config
-    from eimctl.stages import base
+    from eimctl.stages import runner
 
     cfg = load_config(config, overrides)
-    base.run(cfg, run_dir, force=force, resume=resume.value, show=not quiet)
+    runner.run(cfg, run_dir, stage, force=force, resume=resume.value, show=not quiet)
+
+
+@app.command("build-queues")
+@user_errors
+def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),
+                 config: Optional[Path] = CONFIG,
+                 encoder: Optional[str] = typer.Option(None, help="CLIP encoder: an open_clip name or an alias "
+                                                                  "(clip-vit-b32, clip-vit-b16, clip-vit-l14, "
+                                                                  "clip-vit-l14-336)."),
+                 force: bool = FORCE, quiet: bool = QUIET):
+    """Build the key queues Kt, Ke, Kb (Parquet, one row per training sample) into the queue store."""
+    from eimctl.build_queues import run
+    from eimctl.config import load_config
+    from eimctl.models.clip import encoder_overrides
+
+    cfg = load_config(config, list(overrides or []) + encoder_overrides(encoder))
+    run(cfg, force=force, show=not quiet)
 
 
 @evaluate_app.command("coco")

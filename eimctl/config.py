@@ -90,11 +90,25 @@ class EvalConfig:
 
 
 @dataclass
+class EIMConfig:
+    """The method's knobs, including the choices the paper leaves open (README: 'Interpretation choices')."""
+    temperature: float = 0.07
+    queues_dir: str = "queues"        # the queue store (DESIGN.md §3)
+    queue_dtype: str = "float16"      # float16 | float32 storage of the key queues
+    chunk_rows: int = 65536           # keys per chunk of the streaming InfoNCE (bounds memory)
+    ie_query: str = "frozen-projection"  # frozen-projection | linear-head: how the [CLS] meets the text space
+    lm_query: str = "multimodal"      # multimodal (ST prefix + text) | text: the sequence loss_LM's query sees
+    prompt_tokens: int = 8            # visual prompt tokens tuned by loss_IE when CLIP has no adapters
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    eim: EIMConfig = field(default_factory=EIMConfig)
+    stages: dict = field(default_factory=dict)  # the schedule: see eimctl/schedule.py
 
 
 CHOICES = {
@@ -105,16 +119,21 @@ CHOICES = {
     "model.projector.type": {"mlp", "ffn", "transformer"},
     "train.device": {"auto", "cpu", "cuda"},
     "eval.split": {"train", "val", "test"},
+    "eim.queue_dtype": {"float16", "float32"},
+    "eim.ie_query": {"frozen-projection", "linear-head"},
+    "eim.lm_query": {"multimodal", "text"},
 }
 POSITIVE = {"data.max_caption_tokens", "model.projector.prefix_length", "model.projector.layers",
             "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
-            "eval.batch_size", "eval.fixed_caption_candidates"}
+            "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature",
+            "eim.chunk_rows"}
 NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.weight_decay",
-                "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed"}
+                "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed",
+                "eim.prompt_tokens"}
 # Keys that change how a step runs but not what it produces.
 NOT_FINGERPRINTED = {"train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
-                     "train.keep_checkpoints", "eval.batch_size"}
+                     "train.keep_checkpoints", "eval.batch_size", "eim.queues_dir", "eim.chunk_rows"}
 
 
 def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:
@@ -132,6 +151,9 @@ def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:
                 return float(value)
             except ValueError:
                 pass
+    elif kind is dict:
+        if isinstance(value, dict):
+            return value
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -157,12 +179,24 @@ def _merge(target: Any, updates: dict, prefix: str, problems: list[str]) -> None
                 _merge(getattr(target, key), value, dotted + ".", problems)
             continue
         coerced = _coerce(value, kind, dotted, problems)
+        if kind is dict and coerced is not None:
+            coerced = _deep_merge(getattr(target, key), coerced)
         if coerced is not None:
             setattr(target, key, coerced)
 
 
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
 def _check_values(config: Config, problems: list[str]) -> None:
-    flat = flatten(to_dict(config))
+    flat = flatten({k: v for k, v in to_dict(config).items() if k != "stages"})
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             problems.append(f"{key}: '{flat[key]}' is not one of {sorted(allowed)}")
@@ -251,7 +285,7 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def config_fingerprint(config: Config, sections: tuple[str, ...] = ("data", "model", "train")) -> str:
+def config_fingerprint(config: Config, sections: tuple[str, ...] = ("data", "model", "train", "eim", "stages")) -> str:
     flat = {k: v for k, v in flatten(to_dict(config)).items()
             if k.split(".")[0] in sections and k not in NOT_FINGERPRINTED}
     return fingerprint(flat)

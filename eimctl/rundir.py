@@ -97,11 +97,11 @@ def complete_manifest(step_dir: Path) -> dict | None:
 
 
 def require_upstream(step_dir: Path, label: str, how_to_make: str,
-                     fingerprints: dict | None = None) -> dict:
+                     fingerprints: dict | None = None, missing: str = "has not been run") -> dict:
     """The manifest of an upstream step, or one clear error saying what is wrong and how to fix it."""
     manifest = read_manifest(step_dir)
     if manifest is None:
-        raise EimError(f"{label} has not been run", where=str(step_dir), hint=f"run `{how_to_make}` first")
+        raise EimError(f"{label} {missing}", where=str(step_dir), hint=f"run `{how_to_make}` first")
     if manifest.get("status") != "complete":
         raise EimError(f"{label} is incomplete", where=str(step_dir),
                        hint=f"finish it with `{how_to_make} --resume auto`")

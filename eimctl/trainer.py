@@ -120,7 +120,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
         dataset_size: int, cfg: TrainConfig, out_dir: Path, config_fp: str, device: torch.device,
-        resume: str = "auto", show: bool = True) -> dict:
+        resume: str = "auto", show: bool = True, weights: dict | None = None) -> dict:
     """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints."""
     plan = Plan(dataset_size, cfg.batch_size, cfg.epochs, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -163,7 +163,7 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             named = losses(batch)
-            total = sum(named.values())
+            total = sum((weights or {}).get(name, 1.0) * value for name, value in named.items())
             if not torch.isfinite(total):
                 raise EimError(f"loss became {total.item()} at step {step + 1}", where=str(out_dir),
                                hint="lower train.lr or check the data; resume from the last checkpoint")

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 
-from eimctl.checkpoint import WEIGHTS, load_weights
+from eimctl.checkpoint import WEIGHTS
 from eimctl.config import Config, fingerprint, load_config
 from eimctl.data.captions import read_split
 from eimctl.evaluate.caption_metrics import best_fixed_caption, score_captions, write_coco_results
 from eimctl.features import cached_features
 from eimctl.generate import generate_captions
 from eimctl.models.captioner import Captioner
+from eimctl.stages.runner import build_model
 from eimctl.progress import StepProgress, log
 from eimctl.rundir import complete_manifest, eval_dir, require_upstream, stage_dir, write_manifest
 from eimctl.atomic import write_json
@@ -39,8 +40,7 @@ def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None) 
                            hint="model and data come from the trained stage's manifest")
     manifest = require_upstream(folder, f"stage '{stage}'", f"eimctl train-stage {stage} --run-dir {run_dir}")
     config = load_config(base=manifest["config"], overrides=overrides)
-    model = Captioner(config.model)
-    load_weights(model, folder / "final" / WEIGHTS)
+    model, _ = build_model(config, folder / "final" / WEIGHTS)
     model.eval()
     return config, model, manifest
 
@@ -72,8 +72,9 @@ def run(run_dir: Path, stage: str, *, overrides: list[str] | None = None, spice_
     device = resolve_device(config.train.device)
     model.to(device)
     split = read_split(config.data, ev.split)
+    prompts = model.clip.prompts if model.clip.prompts_active else None
     features, rows = cached_features(model.clip, config.model.clip, split, config.data, run_dir / "cache",
-                                     device, show=show)
+                                     device, show=show, extra=fingerprint(prompts.tolist()) if prompts is not None else "")
     images = split.images()
     eos = model.tokenizer.eos_token_id
     predictions: dict[str, str] = {}

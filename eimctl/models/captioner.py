@@ -16,9 +16,9 @@ from eimctl.models.projectors import build_projector
 
 
 class Captioner(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, prompt_tokens: int = 0, ie_head: bool = False):
         super().__init__()
-        self.clip = ClipEncoder(cfg.clip)
+        self.clip = ClipEncoder(cfg.clip, prompt_tokens, ie_head)
         self.lm, self.tokenizer = load_lm(cfg.lm)
         self.lm_dim = self.lm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.clip.feature_dim, self.clip.num_tokens, self.lm_dim)
@@ -27,19 +27,38 @@ class Captioner(nn.Module):
         """Image features [B, T, d] -> LM prefix embeddings [B, P, D]."""
         return self.projector(features)
 
-    def loss_base(self, features: torch.Tensor, caption_ids: torch.Tensor,
-                  caption_mask: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over the caption tokens marked in `caption_mask` ([B, L], 1 = real)."""
-        prefix = self.prefix(features)
+    def run_lm(self, prefix: torch.Tensor | None, caption_ids: torch.Tensor, caption_mask: torch.Tensor,
+               hidden: bool = False):
+        """LM over [prefix +] caption embeddings: (logits, last-token hidden state or None).
+
+        The last-token hidden state is the final block's output after the final norm at the
+        caption's last real token (its eos)."""
         tokens = self.lm.get_input_embeddings()(caption_ids)
-        inputs = torch.cat([prefix, tokens.to(prefix.dtype)], dim=1)
-        logits = self.lm(inputs_embeds=inputs).logits
+        inputs = tokens if prefix is None else torch.cat([prefix, tokens.to(prefix.dtype)], dim=1)
+        out = self.lm(inputs_embeds=inputs, output_hidden_states=hidden)
+        last = None
+        if hidden:
+            offset = 0 if prefix is None else prefix.shape[1]
+            positions = offset + caption_mask.sum(dim=1) - 1
+            last = out.hidden_states[-1][torch.arange(len(positions), device=positions.device), positions]
+        return out.logits, last
+
+    @staticmethod
+    def caption_cross_entropy(logits: torch.Tensor, prefix_length: int, caption_ids: torch.Tensor,
+                              caption_mask: torch.Tensor) -> torch.Tensor:
         # The logit at position t predicts token t+1: prefix's last position predicts caption token 0.
-        caption_logits = logits[:, prefix.shape[1] - 1:-1]
+        caption_logits = logits[:, prefix_length - 1:-1]
         losses = F.cross_entropy(caption_logits.reshape(-1, caption_logits.shape[-1]).float(),
                                  caption_ids.reshape(-1), reduction="none")
         mask = caption_mask.reshape(-1).to(losses.dtype)
         return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+    def loss_base(self, features: torch.Tensor, caption_ids: torch.Tensor,
+                  caption_mask: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the caption tokens marked in `caption_mask` ([B, L], 1 = real)."""
+        prefix = self.prefix(features)
+        logits, _ = self.run_lm(prefix, caption_ids, caption_mask)
+        return self.caption_cross_entropy(logits, prefix.shape[1], caption_ids, caption_mask)
 
 
 def tokenize_captions(tokenizer, captions: list[str], max_tokens: int) -> tuple[list[list[int]], int]:

@@ -14,6 +14,21 @@ from eimctl.config import ClipConfig
 from eimctl.errors import EimError
 
 
+# Short names for the OpenAI CLIP checkpoints the paper's families use.
+ALIASES = {"clip-vit-b32": ("ViT-B-32", "openai"), "clip-vit-b16": ("ViT-B-16", "openai"),
+           "clip-vit-l14": ("ViT-L-14", "openai"), "clip-vit-l14-336": ("ViT-L-14-336", "openai")}
+
+
+def encoder_overrides(encoder: str | None) -> list[str]:
+    """Config overrides for `--encoder NAME` (an alias or an open_clip model name)."""
+    if not encoder:
+        return []
+    if encoder.lower() in ALIASES:
+        name, tag = ALIASES[encoder.lower()]
+        return [f"model.clip.name={name}", f"model.clip.pretrained={tag}"]
+    return [f"model.clip.name={encoder}"]
+
+
 def _create_open_clip(cfg: ClipConfig):
     import open_clip
 
@@ -48,7 +63,7 @@ def _weights_error(cfg: ClipConfig, error: Exception) -> EimError:
 class ClipEncoder(nn.Module):
     """open_clip model with configurable visual features. Frozen unless a stage says otherwise."""
 
-    def __init__(self, cfg: ClipConfig):
+    def __init__(self, cfg: ClipConfig, prompt_tokens: int = 0, ie_head: bool = False):
         super().__init__()
         model, self.preprocess, self.tokenizer = _create_open_clip(cfg)
         self.model = model
@@ -66,17 +81,53 @@ class ClipEncoder(nn.Module):
         self.feature_dim = self.width if visual.proj is None else visual.proj.shape[1]
         grid = visual.grid_size
         self.num_tokens = 1 if cfg.tokens == "pooled" else 1 + grid[0] * grid[1]
+        self.embed_dim = projection.shape[1] if projection is not None else self.width
         self.requires_grad_(False)
+        # Visual prompt tokens (VPT-shallow): learnable tokens inserted after [CLS], tuned by loss_IE
+        # when CLIP has no adapters. Inactive (not inserted) until a stage trains or inherits them.
+        self.prompts = nn.Parameter(torch.randn(prompt_tokens, self.width) * 0.02) if prompt_tokens else None
+        self.prompts_active = False
+        # Optional trainable head from the [CLS] to the text space for loss_IE (eim.ie_query=linear-head),
+        # initialised as CLIP's own projection.
+        self.ie_head = None
+        if ie_head:
+            self.ie_head = nn.Linear(self.width, self.embed_dim, bias=False)
+            with torch.no_grad():
+                self.ie_head.weight.copy_(projection.T if projection is not None else torch.eye(self.width))
+
+    def _visual(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.model.visual
+        if not self.prompts_active:
+            return visual(pixels)
+        if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
+            raise EimError("visual prompt tokens need a ViT that pools the [CLS] token", where="model.clip.name",
+                           hint="use a standard CLIP ViT, or set eim.prompt_tokens=0")
+        x = visual._embeds(pixels)
+        prompts = self.prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+        x = visual.transformer(torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1))
+        pooled, tokens = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return pooled, tokens[:, self.prompts.shape[0]:]
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> [B, T, feature_dim]; T = 1 (pooled) or 1 + patches (full)."""
-        pooled, patches = self.model.visual(pixels)
+        pooled, patches = self._visual(pixels)
         if self.tokens == "pooled":
             return pooled.unsqueeze(1)
         proj = self.model.visual.proj
         if proj is not None:
             patches = patches @ proj
         return torch.cat([pooled.unsqueeze(1), patches], dim=1)
+
+    def ie_query(self, features: torch.Tensor) -> torch.Tensor:
+        """loss_IE's query: the [CLS] feature mapped into CLIP's joint (text) space."""
+        cls = features[:, 0]
+        if self.ie_head is not None:
+            return self.ie_head(cls)
+        if self.model.visual.proj is None and self.original_projection is not None:
+            return cls @ self.original_projection.to(cls.dtype)  # frozen, inside the loss only
+        return cls
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP.text [EOS] features in the joint space: [B, embed_dim]."""

@@ -1,0 +1,116 @@
+"""The training schedule: which stages exist, what each trains, with which losses, from where.
+
+A stage is data, not code (config key `stages`, e.g. in examples/*.yaml):
+
+    stages:
+      st:      {init: pretrained, trainable: [projector],                 losses: {st: 1.0}}
+      lm:      {init: st,         trainable: [lm],                        losses: {lm: 1.0}}
+      base-ie: {init: lm,         trainable: [projector, lm, clip_prompts], losses: {base: 1.0, ie: 1.0}}
+
+`init` is `pretrained` (the configured CLIP/LM, fresh projector) or another stage
+whose final weights this stage starts from; a stage updates only its `trainable`
+modules, so no gradient crosses a stage boundary. Optional `train:` overrides
+(e.g. `{epochs: 2, lr: 1e-4}`) apply to that stage only.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from eimctl.errors import EimError
+
+LOSSES = ("base", "st", "lm", "ie")
+MODULES = ("projector", "lm", "clip_prompts", "ie_head")
+QUEUE_OF_LOSS = {"st": "ke", "lm": "kb", "ie": "kt"}  # which key queue each contrastive loss reads
+
+# The paper's segmented order for the ClipCap family (Table 1), plus the plain baseline.
+DEFAULT_STAGES = {
+    "base": {"init": "pretrained", "trainable": ["projector", "lm"], "losses": {"base": 1.0}},
+    "st": {"init": "pretrained", "trainable": ["projector"], "losses": {"st": 1.0}},
+    "lm": {"init": "st", "trainable": ["lm"], "losses": {"lm": 1.0}},
+    "base-ie": {"init": "lm", "trainable": ["projector", "lm", "clip_prompts"], "losses": {"base": 1.0, "ie": 1.0}},
+}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    init: str
+    trainable: tuple[str, ...]
+    losses: dict = field(default_factory=dict)
+    train: dict = field(default_factory=dict)
+
+    @property
+    def queues(self) -> list[str]:
+        return [QUEUE_OF_LOSS[name] for name in self.losses if name in QUEUE_OF_LOSS]
+
+
+def resolve_schedule(stages: dict) -> dict[str, StageSpec]:
+    """Defaults merged with the config's `stages`; every problem reported in one error."""
+    merged = copy.deepcopy(DEFAULT_STAGES)
+    for name, spec in (stages or {}).items():
+        merged[name] = spec if name not in merged or not isinstance(spec, dict) else {**merged[name], **spec}
+    problems, specs = [], {}
+    for name, spec in merged.items():
+        where = f"stages.{name}"
+        if not isinstance(spec, dict):
+            problems.append(f"{where}: expected a mapping with init, trainable, losses")
+            continue
+        unknown = set(spec) - {"init", "trainable", "losses", "train"}
+        if unknown:
+            problems.append(f"{where}: unknown keys {sorted(unknown)} (allowed: init, trainable, losses, train)")
+        losses = spec.get("losses") or {}
+        trainable = spec.get("trainable") or []
+        if not isinstance(losses, dict) or not losses:
+            problems.append(f"{where}.losses: give at least one of {list(LOSSES)} with a weight")
+            losses = {}
+        for loss, weight in losses.items():
+            if loss not in LOSSES:
+                problems.append(f"{where}.losses: unknown loss '{loss}' (known: {', '.join(LOSSES)})")
+            elif not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                problems.append(f"{where}.losses.{loss}: weight must be a number > 0, got {weight!r}")
+        if not isinstance(trainable, list) or not trainable:
+            problems.append(f"{where}.trainable: list the modules to train ({', '.join(MODULES)})")
+            trainable = []
+        for module in trainable:
+            if module not in MODULES:
+                problems.append(f"{where}.trainable: unknown module '{module}' (known: {', '.join(MODULES)})")
+        if not isinstance(spec.get("train", {}), dict):
+            problems.append(f"{where}.train: expected a mapping of train.* overrides")
+        specs[name] = StageSpec(name, str(spec.get("init", "pretrained")), tuple(trainable),
+                                {k: float(v) for k, v in losses.items() if isinstance(v, (int, float))},
+                                dict(spec.get("train") or {}))
+    for name, spec in specs.items():
+        if spec.init != "pretrained" and spec.init not in specs:
+            problems.append(f"stages.{name}.init: '{spec.init}' is neither 'pretrained' nor a stage")
+        if "ie" in spec.losses and not {"clip_prompts", "ie_head"} & set(spec.trainable):
+            problems.append(f"stages.{name}: loss 'ie' needs a CLIP-side module in trainable (clip_prompts)")
+    for name in specs:  # init chains must end at `pretrained`
+        seen, current = [], name
+        while current in specs and current not in seen:
+            seen.append(current)
+            current = specs[current].init
+        if current in seen:
+            problems.append(f"stages.{name}: init chain loops ({' -> '.join(seen + [current])})")
+    if problems:
+        raise EimError("invalid schedule: " + "; ".join(problems), where="config key `stages`",
+                       hint="see eimctl/schedule.py and examples/ for the format")
+    return specs
+
+
+def stage_spec(stages: dict, name: str) -> StageSpec:
+    specs = resolve_schedule(stages)
+    if name not in specs:
+        raise EimError(f"unknown stage '{name}'", where="eimctl train-stage",
+                       hint=f"stages in this config: {', '.join(specs)}")
+    return specs[name]
+
+
+def init_chain(stages: dict, name: str) -> list[str]:
+    """Stages whose weights `name` builds on, nearest first (excluding `pretrained`)."""
+    specs, chain, current = resolve_schedule(stages), [], stages and name
+    current = specs[name].init
+    while current != "pretrained":
+        chain.append(current)
+        current = specs[current].init
+    return chain
