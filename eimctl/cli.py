@@ -67,6 +67,27 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
     runner.run(cfg, run_dir, stage, force=force, resume=resume.value, show=not quiet)
 
 
+@app.command("schedule")
+@user_errors
+def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),
+             config: Optional[Path] = CONFIG,
+             run_dir: Path = typer.Option(Path("runs/<run>"), "--run-dir", help="Shown in the printed commands.")):
+    """Print the config's stages in training order, and the commands that run them."""
+    from eimctl.config import load_config
+    from eimctl.schedule import training_order
+
+    cfg = load_config(config, overrides)
+    specs = training_order(cfg.stages)
+    config_arg = f" --config {config}" if config else ""
+    extra = "".join(f" {o}" for o in overrides or [])
+    if any(spec.queues for spec in specs):
+        print(f"eimctl build-queues{config_arg}{extra}")
+    for spec in specs:
+        losses = " + ".join(f"{w:g}*loss_{n}" for n, w in spec.losses.items())
+        print(f"eimctl train-stage {spec.name} --run-dir {run_dir}{config_arg}{extra}"
+              f"    # from {spec.init}; trains {', '.join(spec.trainable)} by {losses}")
+
+
 @app.command("build-queues")
 @user_errors
 def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),

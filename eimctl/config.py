@@ -18,6 +18,14 @@ import yaml
 
 from eimctl.errors import EimError
 
+# The paper's segmented order for the ClipCap family (Table 1), plus the plain baseline `base`.
+DEFAULT_STAGES = {
+    "base": {"init": "pretrained", "trainable": ["projector", "lm"], "losses": {"base": 1.0}},
+    "st": {"init": "pretrained", "trainable": ["projector"], "losses": {"st": 1.0}},
+    "lm": {"init": "st", "trainable": ["lm"], "losses": {"lm": 1.0}},
+    "base-ie": {"init": "lm", "trainable": ["projector", "lm", "clip_prompts"], "losses": {"base": 1.0, "ie": 1.0}},
+}
+
 
 @dataclass
 class DataConfig:
@@ -108,7 +116,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     eim: EIMConfig = field(default_factory=EIMConfig)
-    stages: dict = field(default_factory=dict)  # the schedule: see eimctl/schedule.py
+    stages: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_STAGES))  # see eimctl/schedule.py
 
 
 CHOICES = {
@@ -161,7 +169,9 @@ def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:
     return None
 
 
-def _merge(target: Any, updates: dict, prefix: str, problems: list[str]) -> None:
+def _merge(target: Any, updates: dict, prefix: str, problems: list[str], whole_dicts: bool = False) -> None:
+    """Apply one layer. With `whole_dicts`, a mapping-typed key (the schedule) is replaced as a
+    whole, so a file's `stages:` is the complete schedule; `key=value` overrides patch it instead."""
     hints = get_type_hints(type(target))
     names = {f.name for f in fields(target)}
     for key, value in updates.items():
@@ -176,10 +186,10 @@ def _merge(target: Any, updates: dict, prefix: str, problems: list[str]) -> None
             if not isinstance(value, dict):
                 problems.append(f"{dotted}: expected a mapping, got {value!r}")
             else:
-                _merge(getattr(target, key), value, dotted + ".", problems)
+                _merge(getattr(target, key), value, dotted + ".", problems, whole_dicts)
             continue
         coerced = _coerce(value, kind, dotted, problems)
-        if kind is dict and coerced is not None:
+        if kind is dict and coerced is not None and not whole_dicts:
             coerced = _deep_merge(getattr(target, key), coerced)
         if coerced is not None:
             setattr(target, key, coerced)
@@ -251,12 +261,10 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None,
     """defaults < `base` (e.g. a saved config) < YAML file < overrides; all problems in one error."""
     config = Config()
     problems: list[str] = []
-    layers = [base or {}]
+    _merge(config, base or {}, "", problems, whole_dicts=True)
     if path is not None:
-        layers.append(read_yaml(Path(path)))
-    layers.append(parse_overrides(overrides or []))
-    for layer in layers:
-        _merge(config, layer, "", problems)
+        _merge(config, read_yaml(Path(path)), "", problems, whole_dicts=True)
+    _merge(config, parse_overrides(overrides or []), "", problems)
     _check_values(config, problems)
     if problems:
         source = str(path) if path else "overrides"

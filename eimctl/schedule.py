@@ -7,6 +7,7 @@ A stage is data, not code (config key `stages`, e.g. in examples/*.yaml):
       lm:      {init: st,         trainable: [lm],                        losses: {lm: 1.0}}
       base-ie: {init: lm,         trainable: [projector, lm, clip_prompts], losses: {base: 1.0, ie: 1.0}}
 
+A config's `stages:` is the whole schedule (without one, the paper's, below);
 `init` is `pretrained` (the configured CLIP/LM, fresh projector) or another stage
 whose final weights this stage starts from; a stage updates only its `trainable`
 modules, so no gradient crosses a stage boundary. Optional `train:` overrides
@@ -14,23 +15,14 @@ modules, so no gradient crosses a stage boundary. Optional `train:` overrides
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
+from eimctl.config import DEFAULT_STAGES
 from eimctl.errors import EimError
 
 LOSSES = ("base", "st", "lm", "ie")
 MODULES = ("projector", "lm", "clip_prompts", "ie_head")
 QUEUE_OF_LOSS = {"st": "ke", "lm": "kb", "ie": "kt"}  # which key queue each contrastive loss reads
-
-# The paper's segmented order for the ClipCap family (Table 1), plus the plain baseline.
-DEFAULT_STAGES = {
-    "base": {"init": "pretrained", "trainable": ["projector", "lm"], "losses": {"base": 1.0}},
-    "st": {"init": "pretrained", "trainable": ["projector"], "losses": {"st": 1.0}},
-    "lm": {"init": "st", "trainable": ["lm"], "losses": {"lm": 1.0}},
-    "base-ie": {"init": "lm", "trainable": ["projector", "lm", "clip_prompts"], "losses": {"base": 1.0, "ie": 1.0}},
-}
-
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -46,10 +38,8 @@ class StageSpec:
 
 
 def resolve_schedule(stages: dict) -> dict[str, StageSpec]:
-    """Defaults merged with the config's `stages`; every problem reported in one error."""
-    merged = copy.deepcopy(DEFAULT_STAGES)
-    for name, spec in (stages or {}).items():
-        merged[name] = spec if name not in merged or not isinstance(spec, dict) else {**merged[name], **spec}
+    """The config's `stages` (default: DEFAULT_STAGES) as specs; every problem reported in one error."""
+    merged = stages if stages else DEFAULT_STAGES
     problems, specs = [], {}
     for name, spec in merged.items():
         where = f"stages.{name}"
@@ -106,11 +96,15 @@ def stage_spec(stages: dict, name: str) -> StageSpec:
     return specs[name]
 
 
-def init_chain(stages: dict, name: str) -> list[str]:
-    """Stages whose weights `name` builds on, nearest first (excluding `pretrained`)."""
-    specs, chain, current = resolve_schedule(stages), [], stages and name
-    current = specs[name].init
-    while current != "pretrained":
-        chain.append(current)
-        current = specs[current].init
-    return chain
+def training_order(stages: dict) -> list[StageSpec]:
+    """Stages in an order that trains every stage after the one it starts from."""
+    specs, ordered = resolve_schedule(stages), []
+    def visit(name: str) -> None:
+        spec = specs[name]
+        if spec.init != "pretrained":
+            visit(spec.init)
+        if spec not in ordered:
+            ordered.append(spec)
+    for name in specs:
+        visit(name)
+    return ordered

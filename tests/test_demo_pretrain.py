@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from eimctl.data.demo import generate_demo_data
-from eimctl.demo.pretrain import pretrain_demo_clip, pretrain_demo_lm
+from eimctl.demo.pretrain import CLIP_MEAN, CLIP_STD, pretrain_demo_clip, pretrain_demo_lm
+from eimctl.errors import EimError
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -34,7 +35,8 @@ def _clip(data_dir: Path, out_dir: Path, lines: list[str] | None = None) -> Path
 
 
 def _lm(data_dir: Path, out_dir: Path, lines: list[str] | None = None) -> Path:
-    return pretrain_demo_lm(data_dir, out_dir, epochs=2, batch_size=16, model_cfg=TINY_LM,
+    # A high learning rate so that a few steps visibly train the tiny model.
+    return pretrain_demo_lm(data_dir, out_dir, epochs=5, batch_size=16, learning_rate=1e-2, model_cfg=TINY_LM,
                             log=(lines.append if lines is not None else lambda _: None), log_every=2)
 
 
@@ -51,7 +53,9 @@ def test_clip_loads_back_through_open_clip_local_dir(data_dir, tmp_path):
     assert tokenizer.context_length == 32
     config = json.loads((clip_dir / "open_clip_config.json").read_text())
     assert config["preprocess_cfg"]["size"] == 64
-    assert model.visual.preprocess_cfg["mean"] == tuple(config["preprocess_cfg"]["mean"])
+    normalize = [t for t in preprocess.transforms if type(t).__name__ == "Normalize"][0]
+    assert list(normalize.mean) == config["preprocess_cfg"]["mean"] == list(CLIP_MEAN)
+    assert list(normalize.std) == config["preprocess_cfg"]["std"] == list(CLIP_STD)
 
     # The saved weights are the trained ones, not a fresh initialisation.
     fresh = open_clip.CLIP(**TINY_CLIP)
@@ -134,3 +138,8 @@ def test_time_cap_stops_training_early(data_dir, tmp_path):
     metrics = json.loads((lm_dir / "pretrain.json").read_text())["metrics"]
     assert metrics["stopped_early"] and metrics["steps"] <= 1
     assert any("time cap" in line for line in lines), lines
+
+
+def test_missing_dataset_is_a_user_error(tmp_path):
+    with pytest.raises(EimError, match="no demo dataset"):
+        pretrain_demo_lm(tmp_path / "nothing", tmp_path / "models", log=lambda _: None)

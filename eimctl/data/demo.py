@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from eimctl.atomic import write_json
+from eimctl.errors import EimError
 
 # Bump when the rendering or caption rules change, so a cached folder made by an
 # older generator is not mistaken for a current one.
@@ -225,6 +226,7 @@ def generate_demo_data(
         if existing.get("parameters") == parameters:
             return existing["counts"]
 
+    ensure_replaceable(out_dir, "demo.json")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -243,6 +245,17 @@ def generate_demo_data(
         if staging.exists():
             shutil.rmtree(staging)
     return counts
+
+
+def ensure_replaceable(target: Path, marker_name: str) -> None:
+    """Refuse to overwrite a non-empty folder that this code did not make.
+
+    Builds are published atomically, so a folder made here always has its
+    marker file; one without it holds someone else's files.
+    """
+    if target.is_dir() and any(target.iterdir()) and not (target / marker_name).is_file():
+        raise EimError(f"{target} exists and is not a folder made by eimctl's demo (no {marker_name})",
+                       hint="choose another output folder or remove this one")
 
 
 def publish_dir(new: Path, target: Path) -> None:
