@@ -12,12 +12,16 @@ export TRANSFORMERS_OFFLINE := 1
 
 DEMO_DIR ?= demo
 DEMO_RUN ?= runs/demo
+SEEDS ?= 1 2 3
+SEEDS_RUN ?= runs/demo-seeds
+EIMCTL := $(VENV)/bin/eimctl
 
-.PHONY: install test demo bench clean-demo help
+.PHONY: install test demo demo-run demo-seeds bench clean-demo help
 
 help:
 	@echo "make demo   install, then run the embedded demo (data -> pretrain -> train -> evaluate -> report)"
 	@echo "make test   install, then run the test suite"
+	@echo "make demo-seeds  the demo's two recipes over SEEDS (default 1 2 3), mean and spread"
 	@echo "make bench  install, then run the benchmarks"
 
 $(STAMP): pyproject.toml
@@ -34,12 +38,32 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q
 
+# The embedded demo: ClipCap baseline vs. segmented EIM on the same generated data.
 demo: install
-	$(VENV)/bin/eimctl demo-data --out $(DEMO_DIR)/data
-	$(VENV)/bin/eimctl demo-pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/models
-	$(VENV)/bin/eimctl train-stage base --run-dir $(DEMO_RUN) --config examples/demo.yaml
-	$(VENV)/bin/eimctl evaluate coco --run-dir $(DEMO_RUN) --stage base
-	$(VENV)/bin/eimctl report $(DEMO_RUN)
+	$(EIMCTL) demo-data --out $(DEMO_DIR)/data
+	$(EIMCTL) demo-pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/models
+	$(MAKE) --no-print-directory demo-run RUN=$(DEMO_RUN) SEED=42
+	$(EIMCTL) report $(DEMO_RUN)/clipcap $(DEMO_RUN)/eim --out $(DEMO_RUN)/report
+
+# One seed of both recipes: the ClipCap baseline, then EIM's features + st -> lm -> base-ie.
+demo-run:
+	$(EIMCTL) train-stage base --run-dir $(RUN)/clipcap --config examples/demo.yaml train.seed=$(SEED)
+	$(EIMCTL) evaluate coco --run-dir $(RUN)/clipcap --stage base
+	$(EIMCTL) build-queues --config examples/demo-eim.yaml
+	$(EIMCTL) train-stage base --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
+	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage base
+	$(EIMCTL) train-stage st --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
+	$(EIMCTL) train-stage lm --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
+	$(EIMCTL) train-stage base-ie --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
+	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage base-ie
+
+# Both recipes over several seeds, reported as mean ± spread.
+demo-seeds: install
+	$(EIMCTL) demo-data --out $(DEMO_DIR)/data
+	$(EIMCTL) demo-pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/models
+	for seed in $(SEEDS); do $(MAKE) --no-print-directory demo-run RUN=$(SEEDS_RUN)/seed-$$seed SEED=$$seed || exit 1; done
+	$(EIMCTL) report $(foreach s,$(SEEDS),$(SEEDS_RUN)/seed-$(s)/clipcap $(SEEDS_RUN)/seed-$(s)/eim) \
+	    --aggregate --out $(SEEDS_RUN)/report
 
 clean-demo:
-	rm -rf $(DEMO_DIR) $(DEMO_RUN)
+	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(SEEDS_RUN) queues/data-*
