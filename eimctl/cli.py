@@ -39,7 +39,9 @@ class Resume(str, Enum):
 
 
 RUN_DIR = typer.Option(..., "--run-dir", help="Run directory: holds stages/, eval/, report/ of one run.")
-CONFIG = typer.Option(None, "--config", "-c", help="YAML config (defaults < this file < KEY=VALUE overrides).")
+CONFIG = typer.Option(None, "--config", "-c", help="YAML config; repeat to layer files (defaults < files in "
+                                                   "order < KEY=VALUE overrides). A file's `stages:` replaces "
+                                                   "the schedule.")
 FORCE = typer.Option(False, "--force", help="Redo a step even if it is complete.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
 
@@ -51,7 +53,7 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
                                                      "defines."),
                 overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides, "
                                                                            "e.g. train.lr=1e-4"),
-                run_dir: Path = RUN_DIR, config: Optional[Path] = CONFIG,
+                run_dir: Path = RUN_DIR, config: Optional[List[Path]] = CONFIG,
                 resume: Resume = typer.Option(Resume.auto, help="auto: continue from the last checkpoint; "
                                                                 "never: refuse if checkpoints exist."),
                 force: bool = FORCE, quiet: bool = QUIET):
@@ -70,7 +72,7 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
 @app.command("schedule")
 @user_errors
 def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),
-             config: Optional[Path] = CONFIG,
+             config: Optional[List[Path]] = CONFIG,
              run_dir: Path = typer.Option(Path("runs/<run>"), "--run-dir", help="Shown in the printed commands.")):
     """Print the config's stages in training order, and the commands that run them."""
     from eimctl.config import load_config
@@ -78,7 +80,7 @@ def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VAL
 
     cfg = load_config(config, overrides)
     specs = training_order(cfg.stages)
-    config_arg = f" --config {config}" if config else ""
+    config_arg = "".join(f" --config {c}" for c in config or [])
     extra = "".join(f" {o}" for o in overrides or [])
     if any(spec.queues for spec in specs):
         print(f"eimctl build-queues{config_arg}{extra}")
@@ -91,7 +93,7 @@ def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VAL
 @app.command("build-queues")
 @user_errors
 def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),
-                 config: Optional[Path] = CONFIG,
+                 config: Optional[List[Path]] = CONFIG,
                  encoder: Optional[str] = typer.Option(None, help="CLIP encoder: an open_clip name or an alias "
                                                                   "(clip-vit-b32, clip-vit-b16, clip-vit-l14, "
                                                                   "clip-vit-l14-336)."),
@@ -135,16 +137,21 @@ def evaluate_coco(run_dir: Path = RUN_DIR,
 @user_errors
 def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
            out: Optional[Path] = typer.Option(None, help="Output folder (default: <first run>/report)."),
+           aggregate: bool = typer.Option(False, help="Also give mean ± spread over runs whose folders share "
+                                                      "a name (one recipe over several seeds)."),
            quiet: bool = QUIET):
     """Tabulate metrics per run and stage (terminal + report.md) and plot training loss curves."""
     from rich.console import Console
-    from eimctl.report import collect_rows, render_table, write_report
+    from eimctl.report import aggregate_markdown, aggregate_rows, collect_rows, render_table, write_report
 
     target = out or (run_dirs[0] / "report")
-    path = write_report(run_dirs, target)
+    path = write_report(run_dirs, target, aggregate=aggregate)
     if not quiet:
         console = Console() if sys.stdout.isatty() else Console(width=160)
-        console.print(render_table(collect_rows(run_dirs)))
+        rows = collect_rows(run_dirs)
+        console.print(render_table(rows))
+        if aggregate:
+            print(aggregate_markdown(aggregate_rows(rows)))
         print(f"report written to {path}")
 
 

@@ -256,18 +256,19 @@ def read_yaml(path: Path) -> dict:
     return loaded
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None,
+def load_config(path: Path | list[Path] | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Config:
-    """defaults < `base` (e.g. a saved config) < YAML file < overrides; all problems in one error."""
+    """defaults < `base` (e.g. a saved config) < YAML file(s), in order < overrides; all problems in one error."""
+    paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path] if path else [])]
     config = Config()
     problems: list[str] = []
     _merge(config, base or {}, "", problems, whole_dicts=True)
-    if path is not None:
-        _merge(config, read_yaml(Path(path)), "", problems, whole_dicts=True)
+    for one in paths:
+        _merge(config, read_yaml(one), "", problems, whole_dicts=True)
     _merge(config, parse_overrides(overrides or []), "", problems)
     _check_values(config, problems)
     if problems:
-        source = str(path) if path else "overrides"
+        source = " + ".join(map(str, paths)) if paths else "overrides"
         raise EimError("invalid configuration: " + "; ".join(problems), where=source,
                        hint="see README.md 'Configuration' for every key and its default")
     return config

@@ -47,6 +47,7 @@ class ReportRow:
     train_seconds: float | None = None
     final_loss: float | None = None
     is_baseline: bool = False
+    group: str = ""  # the run folder's own name: runs of one recipe over several seeds share it
 
 
 @dataclass
@@ -123,7 +124,7 @@ def _collect(run_dirs: list[Path]) -> _Collected:
             manifest = _complete_manifest(folder, f"{run}: stage {folder.name}", notes)
             if manifest is None:
                 continue
-            row = ReportRow(run=run, stage=folder.name)
+            row = ReportRow(run=run, stage=folder.name, group=run_dir.name)
             wall = manifest.get("wall_seconds")
             row.train_seconds = float(wall) if _is_number(wall) else None
             metrics_file = folder / "metrics.jsonl"
@@ -154,13 +155,13 @@ def _collect(run_dirs: list[Path]) -> _Collected:
             eval_rows.append(ReportRow(
                 run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
                 metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
-                final_loss=trained.final_loss))
+                final_loss=trained.final_loss, group=run_dir.name))
             for metric, reason in sorted(result.get("unavailable", {}).items()):
                 notes.append(f"{label}: {metric} not computed — {reason}")
             baseline = result.get("fixed_caption_baseline") or {}
             if baseline:
                 eval_rows.append(ReportRow(
-                    run=run, stage=stage, benchmark=f"{benchmark} (fixed caption)",
+                    run=run, stage=stage, benchmark=f"{benchmark} (fixed caption)", group=run_dir.name,
                     split=str(result.get("split", "")), is_baseline=True,
                     metrics={metric: entry.get("score") for metric, entry in baseline.items()}))
                 for metric, entry in sorted(baseline.items()):
@@ -274,8 +275,48 @@ def _plot_losses(run: str, stage: str, records: list[dict], path: Path) -> bool:
     return True
 
 
-def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
-    """Write report.md and the loss plots into out_dir; returns the report.md path."""
+def aggregate_rows(rows: list[ReportRow]) -> list[dict]:
+    """Scored rows grouped by (run folder name, stage, benchmark): n, mean and sample std per metric.
+
+    Runs of one recipe over several seeds (runs/seed-1/eim, runs/seed-2/eim, ...) share a group."""
+    groups: dict[tuple[str, str, str], list[ReportRow]] = {}
+    for row in rows:
+        if row.benchmark != "-":
+            groups.setdefault((row.group or row.run, row.stage, row.benchmark), []).append(row)
+    out = []
+    for (group, stage, benchmark), members in groups.items():
+        stats = {}
+        for name in CAPTION_METRICS:
+            values = [100.0 * r.metrics[name] for r in members if _is_number(r.metrics.get(name))]
+            if values:
+                mean = sum(values) / len(values)
+                spread = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                          if len(values) > 1 else 0.0)
+                stats[name] = (mean, spread)
+        seconds = [r.train_seconds for r in members if _is_number(r.train_seconds)]
+        out.append({"group": group, "stage": stage, "benchmark": benchmark, "n": len(members), "metrics": stats,
+                    "train_seconds": sum(seconds) / len(seconds) if seconds else None})
+    return out
+
+
+def aggregate_markdown(aggregated: list[dict]) -> str:
+    names = [n for n in CAPTION_METRICS if any(n in a["metrics"] for a in aggregated)]
+    lines = ["| Recipe | Stage | Benchmark | n | " + " | ".join(f"{CAPTION_METRICS[n]} ×100" for n in names)
+             + " | Train time (mean) |",
+             "|---|---|---|---:|" + "---:|" * len(names) + "---:|"]
+    for a in aggregated:
+        cells = [f"{a['metrics'][n][0]:.2f} ± {a['metrics'][n][1]:.2f}" if n in a["metrics"] else ""
+                 for n in names]
+        lines.append(f"| {a['group']} | {a['stage']} | {a['benchmark']} | {a['n']} | " + " | ".join(cells)
+                     + f" | {_format_seconds(a['train_seconds'])} |")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False) -> Path:
+    """Write report.md and the loss plots into out_dir; returns the report.md path.
+
+    With `aggregate`, a first table gives mean ± sample standard deviation over the runs that
+    share a folder name (one recipe over several seeds)."""
     collected = _collect(run_dirs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -287,6 +328,11 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
             plots.append((run, stage, name))
 
     lines = ["# eimctl report", "", "Runs: " + ", ".join(f"`{Path(p)}`" for p in run_dirs), ""]
+    if aggregate and collected.rows:
+        lines += ["## Mean ± spread over runs", "",
+                  "Runs whose folders share a name (one recipe, several seeds) are grouped; each cell is "
+                  "mean ± sample standard deviation (×100) over the n runs.", "",
+                  aggregate_markdown(aggregate_rows(collected.rows)), ""]
     if collected.rows:
         lines += ["## Results", "",
                   "Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) are ×100, as in papers; "

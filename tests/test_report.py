@@ -111,3 +111,23 @@ def test_not_a_run_directory(tmp_path):
         write_report([tmp_path / "empty"], tmp_path / "out")
     with pytest.raises(EimError, match="not a run directory"):
         collect_rows([tmp_path / "nowhere"])
+
+
+def test_aggregate_over_seeds_gives_mean_and_sample_spread(tmp_path):
+    runs = []
+    for seed, bleu in ((1, 0.30), (2, 0.32), (3, 0.34)):
+        run = tmp_path / f"seed-{seed}" / "eim"
+        write(run / "stages/base-ie/manifest.json", complete("base-ie", 60.0 * seed))
+        write(run / "eval/base-ie-coco/metrics.json", {"benchmark": "coco", "stage": "base-ie", "split": "test",
+                                                       "metrics": {"Bleu_4": bleu, "CIDEr": 1.0}})
+        write(run / "eval/base-ie-coco/manifest.json", {"status": "complete", "step": "evaluate"})
+        runs.append(run)
+    from eimctl.report import aggregate_rows
+    (group,) = aggregate_rows(collect_rows(runs))
+    assert (group["group"], group["stage"], group["n"]) == ("eim", "base-ie", 3)
+    mean, spread = group["metrics"]["Bleu_4"]
+    assert mean == pytest.approx(32.0) and spread == pytest.approx(2.0)   # 30, 32, 34: sample std 2
+    assert group["metrics"]["CIDEr"] == (pytest.approx(100.0), pytest.approx(0.0))
+    assert group["train_seconds"] == pytest.approx(120.0)
+    text = write_report(runs, tmp_path / "report", aggregate=True).read_text()
+    assert "| eim | base-ie | coco | 3 | 32.00 ± 2.00 | 100.00 ± 0.00 | 0:02:00 |" in text
