@@ -29,7 +29,7 @@ from eimctl.errors import EimError
 from eimctl.rundir import outputs_intact, read_manifest
 
 # Pipeline order from DESIGN.md §1; other stage names follow alphabetically.
-STAGE_ORDER = ("base", "st", "lm", "adapter", "base-ie")
+STAGE_ORDER = ("base", "st", "st-base", "lm", "lm-base", "adapter", "base-ie")
 # pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
 CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                    "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
