@@ -1,12 +1,15 @@
 """Atomic file writes: write to a temporary name in the same folder, then os.replace."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from eimctl.errors import disk_full
 
 
 _UMASK = os.umask(0)
@@ -27,6 +30,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp_path, path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise disk_full(error, path) from error
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

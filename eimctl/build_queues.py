@@ -14,6 +14,7 @@ from the parts, and the manifest is written last.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import time
@@ -67,7 +68,8 @@ def require_queues(config: Config, train: CaptionSplit, names: list[str]) -> dic
     keys = {}
     for name in names:
         keys[name], _ = open_queue(folder / f"{name}.parquet", expect_rows=len(train.samples),
-                                   expect_data_fingerprint=train.fingerprint)
+                                   expect_data_fingerprint=train.fingerprint,
+                                   expect_encoder=config.model.clip.name if name == "kt" else config.model.lm.name)
     return keys
 
 
@@ -91,10 +93,12 @@ def _encode_batch(name: str, clip, lm, captions: list[str], token_ids: list[list
 def _build_parts(name: str, parts_dir: Path, clip, lm, train: CaptionSplit, token_ids, pad_id,
                  device, show: bool) -> list[Path]:
     rows = len(train.samples)
-    part_paths = [parts_dir / f"{name}-{start // PART_ROWS:05d}.npy" for start in range(0, rows, PART_ROWS)]
-    progress = StepProgress(f"build {name}", rows, log_every=PART_ROWS, enabled=show)
+    part_rows = int(os.environ.get("EIMCTL_QUEUE_PART_ROWS", PART_ROWS))  # tests use small parts
+    delay = float(os.environ.get("EIMCTL_TEST_STEP_DELAY", "0"))          # test hook: time to SIGKILL
+    part_paths = [parts_dir / f"{name}-{start // part_rows:05d}.npy" for start in range(0, rows, part_rows)]
+    progress = StepProgress(f"build {name}", rows, log_every=part_rows, enabled=show)
     for number, path in enumerate(part_paths):
-        start, stop = number * PART_ROWS, min(rows, (number + 1) * PART_ROWS)
+        start, stop = number * part_rows, min(rows, (number + 1) * part_rows)
         if path.is_file():  # finished before an interruption: keep it
             progress.update(stop)
             continue
@@ -107,6 +111,8 @@ def _build_parts(name: str, parts_dir: Path, clip, lm, train: CaptionSplit, toke
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, np.concatenate(chunks), allow_pickle=False)
+        if delay:
+            time.sleep(delay)
     progress.close()
     return part_paths
 

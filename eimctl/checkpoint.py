@@ -7,9 +7,11 @@ crash leaves either the previous checkpoint or the new one, never a torn one.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import torch
@@ -17,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from eimctl.errors import EimError
+from eimctl.errors import EimError, disk_full
 
 WEIGHTS = "trainable.safetensors"
 STATE = "trainer_state.pt"
@@ -31,8 +33,21 @@ def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_weights(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise disk_full(error, path) from error
+        raise
+
+
+def _test_crash(step: int, point: str) -> None:
+    """Fault injection for the crash tests: EIMCTL_TEST_CRASH_IN_CHECKPOINT=<step>:<weights|rename>
+    SIGKILLs this process inside save_checkpoint (after the weights file / before the rename)."""
+    if os.environ.get("EIMCTL_TEST_CRASH_IN_CHECKPOINT") == f"{step}:{point}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
@@ -61,11 +76,19 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_weights(tmp / WEIGHTS, trainable_tensors(model))
-    torch.save(state, tmp / STATE)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        save_weights(tmp / WEIGHTS, trainable_tensors(model))
+        _test_crash(step, "weights")
+        torch.save(state, tmp / STATE)
+        _test_crash(step, "rename")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException as error:  # leave the previous checkpoints only, never a partial folder
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise disk_full(error, final) from error
+        raise
     for old in list_checkpoints(checkpoints)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

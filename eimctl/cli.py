@@ -54,8 +54,8 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
                 overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides, "
                                                                            "e.g. train.lr=1e-4"),
                 run_dir: Path = RUN_DIR, config: Optional[List[Path]] = CONFIG,
-                resume: Resume = typer.Option(Resume.auto, help="auto: continue from the last checkpoint; "
-                                                                "never: refuse if checkpoints exist."),
+                resume: str = typer.Option("auto", help="auto: continue from the last checkpoint; "
+                                                        "never: refuse if checkpoints exist."),
                 force: bool = FORCE, quiet: bool = QUIET):
     """Train one stage into RUN_DIR/stages/STAGE (resumable; checkpoints in safetensors).
 
@@ -65,8 +65,11 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
     from eimctl.config import load_config
     from eimctl.stages import runner
 
+    if resume not in {r.value for r in Resume}:  # checked here so it is one `Error:` line, exit code 1
+        raise EimError(f"--resume must be auto or never, not '{resume}'", where="eimctl train-stage",
+                       hint="pass --resume auto (continue) or --resume never (refuse to continue)")
     cfg = load_config(config, overrides)
-    runner.run(cfg, run_dir, stage, force=force, resume=resume.value, show=not quiet)
+    runner.run(cfg, run_dir, stage, force=force, resume=resume, show=not quiet)
 
 
 @app.command("schedule")

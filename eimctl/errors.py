@@ -4,6 +4,7 @@ Set EIMCTL_DEBUG=1 to see the traceback as well.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -27,10 +28,18 @@ class EimError(Exception):
         return text
 
 
+def disk_full(error: OSError, where: str | os.PathLike | None) -> EimError:
+    """The one-line error for a write that ran out of space (errno ENOSPC)."""
+    return EimError("disk full while writing", where=str(where or getattr(error, "filename", None) or "?"),
+                    hint="free space on that file system (or write elsewhere) and rerun; completed work is kept")
+
+
 def report_and_exit(error: BaseException) -> None:
     """Print one error line on stderr and exit with code 1."""
     if os.environ.get("EIMCTL_DEBUG"):
         traceback.print_exception(error)
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        error = disk_full(error, None)
     if isinstance(error, EimError):
         print(f"Error: {error.line()}", file=sys.stderr)
     else:

@@ -42,7 +42,10 @@ def encode_split_images(clip, split: CaptionSplit, data: DataConfig, device: tor
                         batch_size: int = 64, num_workers: int = 0, show: bool = True) -> np.ndarray:
     images = split.images()
     dataset = ImageDataset(split.image_root, [p for _, p in images], clip.preprocess, data.allow_outside_root)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    # its own generator: iterating must not move the global RNG, or a run that finds the cache
+    # already built would draw other dropout masks than one that builds it
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
     out = np.zeros((len(images), clip.num_tokens, clip.feature_dim), dtype=np.float32)
     progress = StepProgress(f"encode {split.name} images", len(loader), log_every=max(1, len(loader) // 10),
                             enabled=show)

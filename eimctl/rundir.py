@@ -112,7 +112,9 @@ def require_upstream(step_dir: Path, label: str, how_to_make: str,
     for key, expected in (fingerprints or {}).items():
         found = manifest.get("fingerprints", {}).get(key)
         if found != expected:
-            raise EimError(f"{label} was built from another {key} (fingerprint {found}, expected {expected})",
+            raise EimError(f"{label} do not match this config: {key} fingerprint {found}, expected {expected}"
+                           if label.startswith("key queues") else
+                           f"{label} was built from another {key} (fingerprint {found}, expected {expected})",
                            where=str(step_dir),
                            hint=f"rerun `{how_to_make} --force`, or use the config it was built with")
     return manifest

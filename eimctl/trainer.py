@@ -159,6 +159,7 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
     progress = StepProgress(f"train {stage}", plan.total_steps, start=step, log_every=cfg.log_every, enabled=show)
     started, samples_seen, last_losses = time.time(), 0, {}
     crash_at = int(os.environ.get("EIMCTL_TEST_CRASH_AT_STEP", "0"))
+    step_delay = float(os.environ.get("EIMCTL_TEST_STEP_DELAY", "0"))
     with open(metrics_path, "a", encoding="utf-8") as metrics:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -198,6 +199,8 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
             if crash_at == step:  # fault injection for the resume tests: die like a killed job
                 metrics.flush()
                 os._exit(137)
+            if step_delay:  # test hook: slow steps down so a test can SIGKILL at a chosen point
+                time.sleep(step_delay)
     progress.close()
     return {"steps": step, "final_loss": last_losses.get("loss"), "samples_per_s": samples_seen / max(
         time.time() - started, 1e-9)}

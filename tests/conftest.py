@@ -10,6 +10,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tiny models gain nothing from intra-op threads, and on a busy machine oversubscribed threads make
+# each step ~10x slower; one thread (inherited by CLI subprocesses) keeps the suite fast.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import tiny  # noqa: E402
 

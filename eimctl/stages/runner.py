@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from eimctl.atomic import write_text
-from eimctl.build_queues import require_queues
+from eimctl.build_queues import queue_folder, require_queues
 from eimctl.checkpoint import WEIGHTS, load_weights, save_weights
 from eimctl.config import Config, config_fingerprint, dump_yaml, fingerprint, load_config, to_dict
 from eimctl.data.captions import read_split
@@ -64,6 +64,16 @@ def set_trainable(model: Captioner, spec: StageSpec) -> None:
     if "ie_head" in spec.trainable and model.clip.ie_head is None:
         raise EimError(f"stage '{spec.name}' trains ie_head but eim.ie_query is not linear-head",
                        where="config", hint="set eim.ie_query=linear-head")
+
+
+def check_queue_widths(model: Captioner, queues: dict, folder: Path) -> None:
+    """Each queue's key width must be what its query will have, before any training starts."""
+    widths = {"kt": model.clip.embed_dim, "ke": model.lm_dim, "kb": model.lm_dim}
+    for name, keys in queues.items():
+        if keys.shape[1] != widths[name]:
+            raise EimError(f"key queue '{name}' has width {keys.shape[1]}, but this model's {name} query has "
+                           f"width {widths[name]}", where=str(folder / f"{name}.parquet"),
+                           hint="rebuild the queues for this model: eimctl build-queues --force <same config>")
 
 
 def stage_config(config: Config, spec: StageSpec) -> Config:
@@ -111,6 +121,7 @@ def run(config: Config, run_dir: Path, stage: str, *, force: bool = False, resum
     torch.manual_seed(cfg.train.seed)
     model, inherited = build_model(cfg, init_weights)
     set_trainable(model, spec)
+    check_queue_widths(model, queues, queue_folder(config, train))
     captions = captions_for_training(model.tokenizer, train, cfg, show)
     pad_id = model.tokenizer.pad_token_id
     clip_trains = any(p.requires_grad for p in model.clip.parameters())
