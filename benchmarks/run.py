@@ -194,7 +194,7 @@ def bench_infonce(args, scale, work: Path) -> dict:
         a = torch.randn(BATCH, DIM, device=device)
         k = torch.randn(min(chunk, rows), DIM, device=device)
         w = torch.randn(BATCH, min(chunk, rows), device=device)
-        mm_seconds = _timed(lambda: (torch.mm(a, k.T), torch.mm(w, k)), device, min_reps=5)
+        mm_seconds = _timed(lambda a=a, k=k, w=w: (torch.mm(a, k.T), torch.mm(w, k)), device, min_reps=5)
         mm_rates[chunk] = 4 * BATCH * min(chunk, rows) * DIM / mm_seconds
         del a, k, w
     mm_rate = max(mm_rates.values())
