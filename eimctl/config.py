@@ -103,7 +103,7 @@ class EIMConfig:
     temperature: float = 0.07
     queues_dir: str = "queues"        # the queue store (DESIGN.md §3)
     queue_dtype: str = "float16"      # float16 | float32 storage of the key queues
-    chunk_rows: int = 65536           # keys per chunk of the streaming InfoNCE (bounds memory)
+    chunk_rows: int = 16384           # keys per chunk of the streaming InfoNCE (bounds memory; `make bench`)
     ie_query: str = "frozen-projection"  # frozen-projection | linear-head: how the [CLS] meets the text space
     lm_query: str = "multimodal"      # multimodal (ST prefix + text) | text: the sequence loss_LM's query sees
     prompt_tokens: int = 8            # visual prompt tokens tuned by loss_IE when CLIP has no adapters
