@@ -28,7 +28,7 @@ from eimctl.config import Config, fingerprint
 from eimctl.data.captions import CaptionSplit, read_split
 from eimctl.errors import EimError
 from eimctl.losses import mean_pool
-from eimctl.models.captioner import pad_batch, tokenize_captions
+from eimctl.models.captioner import pad_batch, tokenize_split
 from eimctl.models.clip import ClipEncoder
 from eimctl.models.lm import load_lm
 from eimctl.progress import StepProgress, log
@@ -146,11 +146,7 @@ def run(config: Config, *, force: bool = False, show: bool = True) -> Path:
     clip = ClipEncoder(config.model.clip).to(device).eval()
     lm, tokenizer = load_lm(config.model.lm)
     lm.to(device).eval()
-    token_ids, truncated = tokenize_captions(tokenizer, [s.caption for s in train.samples],
-                                             config.data.max_caption_tokens)
-    if truncated:
-        log(f"warning: {truncated} captions longer than {config.data.max_caption_tokens} tokens were truncated",
-            show)
+    token_ids = tokenize_split(tokenizer, train, config.data, show)
     sample_ids = [s.sample_id for s in train.samples]
     dims = {}
     for name in QUEUES:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,9 +32,7 @@ def user_errors(command):
     return wrapper
 
 
-class Resume(str, Enum):
-    auto = "auto"
-    never = "never"
+RESUME_CHOICES = ("auto", "never")
 
 
 RUN_DIR = typer.Option(..., "--run-dir", help="Run directory: holds stages/, eval/, report/ of one run.")
@@ -65,7 +62,7 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
     from eimctl.config import load_config
     from eimctl.stages import runner
 
-    if resume not in {r.value for r in Resume}:  # checked here so it is one `Error:` line, exit code 1
+    if resume not in RESUME_CHOICES:  # checked here so it is one `Error:` line, exit code 1
         raise EimError(f"--resume must be auto or never, not '{resume}'", where="eimctl train-stage",
                        hint="pass --resume auto (continue) or --resume never (refuse to continue)")
     cfg = load_config(config, overrides)

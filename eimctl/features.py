@@ -60,10 +60,13 @@ def encode_split_images(clip, split: CaptionSplit, data: DataConfig, device: tor
 
 
 def cached_features(clip, clip_config, split: CaptionSplit, data: DataConfig, cache_dir: Path,
-                    device: torch.device, num_workers: int = 0, show: bool = True, extra: str = ""):
-    """(features [n_images, T, d] memory-mapped, image_id -> row) for a frozen CLIP."""
+                    device: torch.device, num_workers: int = 0, show: bool = True):
+    """(features [n_images, T, d] memory-mapped, image_id -> row) for a frozen CLIP.
+
+    Active visual prompt tokens change the features, so their values are part of the key."""
+    prompts = fingerprint(clip.prompts.tolist()) if clip.prompts_active else ""
     key = fingerprint({"clip": to_dict(clip_config), "split": split.fingerprint,
-                       "root": str(Path(split.image_root).resolve()), "extra": extra})
+                       "root": str(Path(split.image_root).resolve()), "extra": prompts})
     path = Path(cache_dir) / f"features-{split.name}-{key}.npy"
     if not path.is_file():
         features = encode_split_images(clip, split, data, device, num_workers=num_workers, show=show)

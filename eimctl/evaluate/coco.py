@@ -72,9 +72,8 @@ def run(run_dir: Path, stage: str, *, overrides: list[str] | None = None, spice_
     device = resolve_device(config.train.device)
     model.to(device)
     split = read_split(config.data, ev.split)
-    prompts = model.clip.prompts if model.clip.prompts_active else None
     features, rows = cached_features(model.clip, config.model.clip, split, config.data, run_dir / "cache",
-                                     device, show=show, extra=fingerprint(prompts.tolist()) if prompts is not None else "")
+                                     device, show=show)
     images = split.images()
     eos = model.tokenizer.eos_token_id
     predictions: dict[str, str] = {}

@@ -9,10 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eimctl.config import ModelConfig
+from eimctl.config import DataConfig, ModelConfig
+from eimctl.errors import EimError
 from eimctl.models.clip import ClipEncoder
 from eimctl.models.lm import load_lm
 from eimctl.models.projectors import build_projector
+from eimctl.progress import log
 
 
 class Captioner(nn.Module):
@@ -84,3 +86,16 @@ def pad_batch(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
         ids[row, :len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, :len(seq)] = 1
     return ids, mask
+
+
+def tokenize_split(tokenizer, split, data: DataConfig, show: bool = True) -> list[list[int]]:
+    """Token ids of every sample's caption; over-long ones are cut with a warning, or refused
+    when `data.overlong=refuse`."""
+    ids, truncated = tokenize_captions(tokenizer, [s.caption for s in split.samples], data.max_caption_tokens)
+    if truncated and data.overlong == "refuse":
+        raise EimError(f"{truncated} captions exceed data.max_caption_tokens={data.max_caption_tokens}",
+                       where=f"{data.path} ({split.name})",
+                       hint="raise data.max_caption_tokens, or set data.overlong=truncate")
+    if truncated:
+        log(f"warning: {truncated} captions longer than {data.max_caption_tokens} tokens were truncated", show)
+    return ids

@@ -27,7 +27,7 @@ from eimctl.config import Config, config_fingerprint, dump_yaml, fingerprint, lo
 from eimctl.data.captions import read_split
 from eimctl.errors import EimError
 from eimctl.features import ImageDataset, cached_features, check_images
-from eimctl.models.captioner import Captioner, pad_batch, tokenize_captions
+from eimctl.models.captioner import Captioner, pad_batch, tokenize_split
 from eimctl.progress import log
 from eimctl.rundir import check_not_foreign, require_upstream, stage_dir, write_manifest
 from eimctl.schedule import StageSpec, resolve_schedule, stage_spec
@@ -81,19 +81,6 @@ def stage_config(config: Config, spec: StageSpec) -> Config:
     return load_config(base=to_dict(config), overrides=[f"train.{k}={v}" for k, v in spec.train.items()])
 
 
-def captions_for_training(tokenizer, split, config: Config, show: bool) -> list[list[int]]:
-    ids, truncated = tokenize_captions(tokenizer, [s.caption for s in split.samples],
-                                       config.data.max_caption_tokens)
-    if truncated and config.data.overlong == "refuse":
-        raise EimError(f"{truncated} captions exceed data.max_caption_tokens={config.data.max_caption_tokens}",
-                       where=f"{config.data.path} (train)",
-                       hint="raise data.max_caption_tokens, or set data.overlong=truncate")
-    if truncated:
-        log(f"warning: {truncated} captions longer than {config.data.max_caption_tokens} tokens were truncated",
-            show)
-    return ids
-
-
 def run(config: Config, run_dir: Path, stage: str, *, force: bool = False, resume: str = "auto",
         show: bool = True) -> Path:
     started = time.time()
@@ -122,15 +109,13 @@ def run(config: Config, run_dir: Path, stage: str, *, force: bool = False, resum
     model, inherited = build_model(cfg, init_weights)
     set_trainable(model, spec)
     check_queue_widths(model, queues, queue_folder(config, train))
-    captions = captions_for_training(model.tokenizer, train, cfg, show)
+    captions = tokenize_split(model.tokenizer, train, cfg.data, show)
     pad_id = model.tokenizer.pad_token_id
     clip_trains = any(p.requires_grad for p in model.clip.parameters())
 
     if cfg.train.feature_cache and not clip_trains:
-        prompts = model.clip.prompts if model.clip.prompts_active else None
-        extra = fingerprint(prompts.tolist()) if prompts is not None else ""
         features, image_row = cached_features(model.clip.to(device), cfg.model.clip, train, cfg.data,
-                                              run_dir / "cache", device, cfg.train.num_workers, show, extra=extra)
+                                              run_dir / "cache", device, cfg.train.num_workers, show)
         sample_rows = [image_row[s.image_id] for s in train.samples]
 
         def images_for(indices: list[int]) -> dict:
