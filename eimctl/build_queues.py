@@ -18,10 +18,12 @@ import os
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from eimctl.atomic import atomic_path
 from eimctl.config import Config, fingerprint
@@ -73,17 +75,24 @@ def require_queues(config: Config, train: CaptionSplit, names: list[str]) -> dic
     return keys
 
 
-def _encode_batch(name: str, clip, lm, captions: list[str], token_ids: list[list[int]], pad_id: int,
-                  device: torch.device) -> np.ndarray:
+def _prepare_batch(name: str, clip, captions: list[str], token_ids: list[list[int]], pad_id: int):
+    """The CPU-side work of a batch (CLIP's BPE tokenizer, or padding): run one batch ahead in a thread."""
     if name == "kt":
-        keys = clip.encode_text(captions)
+        return (clip.tokenizer(captions),)
+    return pad_batch(token_ids, pad_id)
+
+
+def _encode_batch(name: str, clip, lm, prepared: tuple, device: torch.device) -> np.ndarray:
+    if name == "kt":
+        keys = clip.model.encode_text(prepared[0].to(device, non_blocking=True))
     else:
-        ids, mask = pad_batch(token_ids, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device, non_blocking=True) for t in prepared)
         if name == "ke":
             keys = mean_pool(lm.get_input_embeddings()(ids), mask)
         else:
-            hidden = lm(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            # The backbone alone: its last_hidden_state is the final block's output after the final norm,
+            # and skipping the LM head saves a [B, L, vocab] product (50,257 wide for GPT-2).
+            hidden = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
             keys = hidden[torch.arange(len(ids), device=device), mask.sum(dim=1) - 1]
     keys = torch.nn.functional.normalize(keys.float(), dim=-1)
     return keys.cpu().numpy()
@@ -91,30 +100,72 @@ def _encode_batch(name: str, clip, lm, captions: list[str], token_ids: list[list
 
 @torch.no_grad()
 def _build_parts(name: str, parts_dir: Path, clip, lm, train: CaptionSplit, token_ids, pad_id,
-                 device, show: bool) -> list[Path]:
+                 device, show: bool, workers: int = 0) -> list[Path]:
     rows = len(train.samples)
     part_rows = int(os.environ.get("EIMCTL_QUEUE_PART_ROWS", PART_ROWS))  # tests use small parts
     delay = float(os.environ.get("EIMCTL_TEST_STEP_DELAY", "0"))          # test hook: time to SIGKILL
     part_paths = [parts_dir / f"{name}-{start // part_rows:05d}.npy" for start in range(0, rows, part_rows)]
     progress = StepProgress(f"build {name}", rows, log_every=part_rows, enabled=show)
+    spans = []  # (begin, end, part number) of every batch still to encode
     for number, path in enumerate(part_paths):
         start, stop = number * part_rows, min(rows, (number + 1) * part_rows)
         if path.is_file():  # finished before an interruption: keep it
             progress.update(stop)
             continue
-        chunks = []
-        for begin in range(start, stop, BATCH):
-            end = min(stop, begin + BATCH)
-            captions = [s.caption for s in train.samples[begin:end]]
-            chunks.append(_encode_batch(name, clip, lm, captions, token_ids[begin:end], pad_id, device))
-            progress.update(end)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.concatenate(chunks), allow_pickle=False)
-        if delay:
-            time.sleep(delay)
+        spans += [(begin, min(stop, begin + BATCH), number) for begin in range(start, stop, BATCH)]
+
+    def prepare(begin: int, end: int, number: int):
+        return _prepare_batch(name, clip, [s.caption for s in train.samples[begin:end]], token_ids[begin:end],
+                              pad_id)
+
+    chunks: list[np.ndarray] = []
+    for (begin, end, number), prepared in zip(spans, _prepared_batches(spans, prepare, workers)):
+        chunks.append(_encode_batch(name, clip, lm, prepared, device))
+        progress.update(end)
+        if end == min(rows, (number + 1) * part_rows):  # the part is complete
+            with atomic_path(part_paths[number]) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.concatenate(chunks), allow_pickle=False)
+            chunks = []
+            if delay:
+                time.sleep(delay)
     progress.close()
     return part_paths
+
+
+def _prepared_batches(spans: list, prepare, workers: int):
+    """prepare(*span) for each span, in order, computed ahead of the encoder that consumes them.
+
+    With `workers` (train.num_workers) > 0, worker processes tokenise in parallel: CLIP's BPE
+    tokenizer is pure Python and, on a GPU, slower than the text encoder itself. Otherwise one
+    thread prepares the next batch while the current one is encoded."""
+    if workers > 0 and spans:
+        loader = DataLoader(_Spans(spans, prepare), batch_size=None, num_workers=workers,
+                            collate_fn=_as_is, prefetch_factor=4)
+        yield from loader
+        return
+    with ThreadPoolExecutor(max_workers=1) as ahead:
+        pending = ahead.submit(prepare, *spans[0]) if spans else None
+        for k in range(len(spans)):
+            prepared = pending.result()
+            if k + 1 < len(spans):
+                pending = ahead.submit(prepare, *spans[k + 1])
+            yield prepared
+
+
+class _Spans(Dataset):
+    def __init__(self, spans: list, prepare):
+        self.spans, self.prepare = spans, prepare
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, index: int):
+        return self.prepare(*self.spans[index])
+
+
+def _as_is(item):
+    return item
 
 
 def _read_parts(paths: list[Path]):
@@ -159,7 +210,8 @@ def run(config: Config, *, force: bool = False, show: bool = True) -> Path:
                     continue
             except EimError:
                 pass  # a damaged file is rebuilt below
-        parts = _build_parts(name, parts_dir, clip, lm, train, token_ids, tokenizer.pad_token_id, device, show)
+        parts = _build_parts(name, parts_dir, clip, lm, train, token_ids, tokenizer.pad_token_id, device, show,
+                             config.train.num_workers)
         encoder = config.model.clip.name if name == "kt" else config.model.lm.name
         write_queue(target, _read_parts(parts), sample_ids, encoder=encoder, field=FIELDS[name],
                     normalised=True, dtype=config.eim.queue_dtype, data_fingerprint=train.fingerprint)

@@ -84,7 +84,10 @@ class TrainConfig:
     log_every: int = 50
     device: str = "auto"             # auto | cpu | cuda
     feature_cache: bool = True       # encode each image once when CLIP is frozen
-    num_workers: int = 0
+    num_workers: int = 0             # DataLoader worker processes building batches (and encoding images)
+    pin_memory: bool = True          # page-locked batches for faster host-to-GPU copies (CUDA only)
+    precision: str = "fp32"          # fp32 | bf16 (autocast to bfloat16; the InfoNCE stays float32)
+    compile: bool = False            # torch.compile the projector and the LM (first steps compile)
 
 
 @dataclass
@@ -103,7 +106,11 @@ class EIMConfig:
     temperature: float = 0.07
     queues_dir: str = "queues"        # the queue store (DESIGN.md §3)
     queue_dtype: str = "float16"      # float16 | float32 storage of the key queues
-    chunk_rows: int = 16384           # keys per chunk of the streaming InfoNCE (bounds memory; `make bench`)
+    chunk_rows: int = 0               # keys per chunk of the streaming InfoNCE; 0 = by device (eimctl/losses.py)
+    queue_placement: str = "auto"     # auto | host | device: memory-map the queues, or copy them to the
+                                      # training device once (auto: device on CUDA, host on CPU)
+    device_queue_dtype: str = "float32"  # float32 | float16: the queues' type in device memory (float32 skips a
+                                         # conversion per chunk and step; float16 halves the memory)
     ie_query: str = "frozen-projection"  # frozen-projection | linear-head: how the [CLS] meets the text space
     lm_query: str = "multimodal"      # multimodal (ST prefix + text) | text: the sequence loss_LM's query sees
     prompt_tokens: int = 8            # visual prompt tokens tuned by loss_IE when CLIP has no adapters
@@ -126,6 +133,9 @@ CHOICES = {
     "model.clip.tokens": {"pooled", "full"},
     "model.projector.type": {"mlp", "ffn", "transformer"},
     "train.device": {"auto", "cpu", "cuda"},
+    "train.precision": {"fp32", "bf16"},
+    "eim.queue_placement": {"auto", "host", "device"},
+    "eim.device_queue_dtype": {"float32", "float16"},
     "eval.split": {"train", "val", "test"},
     "eim.queue_dtype": {"float16", "float32"},
     "eim.ie_query": {"frozen-projection", "linear-head"},
@@ -134,14 +144,15 @@ CHOICES = {
 POSITIVE = {"data.max_caption_tokens", "model.projector.prefix_length", "model.projector.layers",
             "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
-            "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature",
-            "eim.chunk_rows"}
+            "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature"}
 NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.weight_decay",
                 "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed",
-                "eim.prompt_tokens"}
+                "eim.prompt_tokens", "eim.chunk_rows"}
 # Keys that change how a step runs but not what it produces.
 NOT_FINGERPRINTED = {"train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
-                     "train.keep_checkpoints", "eval.batch_size", "eim.queues_dir", "eim.chunk_rows"}
+                     "train.keep_checkpoints", "train.pin_memory", "train.compile", "eval.batch_size",
+                     "eim.queues_dir", "eim.chunk_rows", "eim.queue_placement",
+                     "eim.device_queue_dtype"}
 
 
 def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:

@@ -14,6 +14,7 @@ whatever N is, and each key is read once per step.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import numpy as np
 import torch
@@ -24,11 +25,24 @@ from torch.autograd.function import once_differentiable
 from eimctl.errors import EimError
 
 DEFAULT_TEMPERATURE = 0.07
-DEFAULT_CHUNK_ROWS = 65_536
+# Keys per chunk when none is given (`make bench`). On a CPU, a chunk whose float32 copy stays in
+# cache for both matrix products is fastest (2,048 x 768 x 4 B = 6 MiB). On a GPU with the queue in
+# its memory, few large chunks mean few kernel launches; streaming a host queue to a GPU uses
+# mid-sized chunks so the host-side staging of each copy stays small.
+CPU_CHUNK_ROWS = 2_048
+GPU_CHUNK_ROWS = 262_144
+GPU_HOST_QUEUE_CHUNK_ROWS = 16_384
+
+
+def default_chunk_rows(device: torch.device | str, keys=None) -> int:
+    if torch.device(device).type != "cuda":
+        return CPU_CHUNK_ROWS
+    on_device = isinstance(keys, Tensor) and keys.device.type == "cuda"
+    return GPU_CHUNK_ROWS if keys is None or on_device else GPU_HOST_QUEUE_CHUNK_ROWS
 
 
 def queue_infonce(query: Tensor, keys: np.ndarray | Tensor, positive: Tensor, *,
-                  temperature: float = DEFAULT_TEMPERATURE, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                  temperature: float = DEFAULT_TEMPERATURE, chunk_rows: int | None = None,
                   normalise: bool = True) -> Tensor:
     """Mean InfoNCE of `query` [B, d] against every row of the frozen `keys` [N, d].
 
@@ -37,8 +51,16 @@ def queue_infonce(query: Tensor, keys: np.ndarray | Tensor, positive: Tensor, *,
     the key chunks are L2-normalised; normalising an already normalised queue is
     harmless. Keys may be a numpy array/memmap (any float dtype, read a chunk at
     a time) or a Tensor on any device. The loss is computed in float32 (float64
-    if the query is float64) and returned as a float scalar.
+    if the query is float64) and returned as a float scalar. `chunk_rows`
+    defaults to `default_chunk_rows(query.device, keys)`.
+
+    The keys' inverse norms are computed once per queue and kept while the queue
+    object lives (for a read-only array such as the memmaps `open_queue` returns,
+    or a Tensor until it is modified in place); a writable array is re-measured
+    on every call.
     """
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(query.device, keys)
     _check_inputs(query, keys, positive, temperature, chunk_rows)
     compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
     query = query.to(compute_dtype)
@@ -48,7 +70,10 @@ def queue_infonce(query: Tensor, keys: np.ndarray | Tensor, positive: Tensor, *,
     # Inside Function.forward grad mode is always off and needs_input_grad ignores no_grad(),
     # so decide here whether the gradient accumulation is worth doing.
     needs_grad = torch.is_grad_enabled() and query.requires_grad
-    return _QueueInfoNCE.apply(query, positive, keys, temperature, chunk_rows, normalise, needs_grad)
+    # Under bf16 autocast (train.precision=bf16) the products against the queue still run in float32:
+    # 566,747 logits scaled by 1/τ need more than bfloat16's 8 mantissa bits.
+    with torch.autocast(query.device.type, enabled=False):
+        return _QueueInfoNCE.apply(query, positive, keys, temperature, chunk_rows, normalise, needs_grad)
 
 
 def infonce_reference(query: Tensor, keys: Tensor, positive: Tensor,
@@ -97,8 +122,14 @@ class _QueueInfoNCE(torch.autograd.Function):
         running_max = torch.full((batch,), float("-inf"), dtype=query_unit.dtype, device=query_unit.device)
         running_sum = torch.zeros_like(running_max)
         running_keys = torch.zeros_like(query_unit)  # Σ_j exp(logit_ij − running_max_i) K̂_j
-        for key_chunk, column_scale in _key_chunks(keys, chunk_rows, query_unit, normalise, temperature):
-            logits = (query_unit @ key_chunk.T).mul_(column_scale)
+        scales = _logit_scales(keys, chunk_rows, query_unit, normalise, temperature)
+        # One logits buffer for every chunk: a fresh [B, chunk] tensor per chunk costs an allocation,
+        # and once glibc has raised its mmap threshold (after any large free) also page faults.
+        logits_buffer = torch.empty(batch * min(chunk_rows, len(keys)), dtype=query_unit.dtype,
+                                    device=query_unit.device)
+        for key_chunk, column_scale in _key_chunks(keys, chunk_rows, query_unit, scales):
+            logits = logits_buffer[:batch * len(key_chunk)].view(batch, len(key_chunk))
+            torch.mm(query_unit, key_chunk.T, out=logits).mul_(column_scale)
             # Online log-sum-exp: rescale what was summed so far whenever a larger logit turns up.
             new_max = torch.maximum(running_max, logits.amax(dim=1))
             rescale = torch.exp(running_max - new_max)
@@ -108,7 +139,7 @@ class _QueueInfoNCE(torch.autograd.Function):
                 # K̂_j = K_j/‖K_j‖: fold the key norms into the weights instead of rescaling the chunk.
                 if normalise:
                     weights.mul_(column_scale * temperature)
-                running_keys = running_keys * rescale.unsqueeze(1) + weights @ key_chunk
+                running_keys.mul_(rescale.unsqueeze(1)).addmm_(weights, key_chunk)
             running_max = new_max
         log_normaliser = running_max + torch.log(running_sum)
         positive_keys = _gather_rows(keys, positive, query_unit, normalise)
@@ -126,33 +157,76 @@ class _QueueInfoNCE(torch.autograd.Function):
         return key_difference * (grad_loss * ctx.scale), None, None, None, None, None, None
 
 
-def _key_chunks(keys, chunk_rows: int, like: Tensor, normalise: bool, temperature: float):
-    """Yield ([chunk, d] raw keys on `like`'s device and dtype, per-key logit scale [chunk]).
+def _key_chunks(keys, chunk_rows: int, like: Tensor, scales: Tensor):
+    """Yield ([chunk, d] raw keys on `like`'s device and dtype, the chunk's slice of `scales`).
 
-    The scale is 1/(τ‖K_j‖) (or 1/τ without `normalise`): scaling the B×chunk
-    logits is far cheaper than writing a normalised copy of the chunk. Chunks
-    that need converting (a float16 memmap, another device) go through one
-    reused buffer, so no chunk-sized memory is allocated per step.
+    Chunks that need converting (a float16 memmap, another device) go through
+    one reused buffer, so no chunk-sized memory is allocated per step.
     """
     buffer = None
     for start in range(0, len(keys), chunk_rows):
-        block = keys[start:start + chunk_rows]
-        if not isinstance(block, Tensor):
-            with warnings.catch_warnings():
-                # A read-only memmap slice: torch warns it is not writable; we only read it.
-                warnings.simplefilter("ignore", UserWarning)
-                block = torch.from_numpy(block)
-        block = block.detach()
+        block = _as_tensor(keys[start:start + chunk_rows])
         if block.device != like.device or block.dtype != like.dtype:
             if buffer is None:
                 buffer = torch.empty(min(chunk_rows, len(keys)), keys.shape[1], dtype=like.dtype,
                                      device=like.device)
             block = buffer[:len(block)].copy_(block)
-        if normalise:
-            scale = torch.linalg.vector_norm(block, dim=1).clamp_min_(1e-12).reciprocal_().div_(temperature)
-        else:
-            scale = torch.full((len(block),), 1 / temperature, dtype=like.dtype, device=like.device)
-        yield block, scale
+        yield block, scales[start:start + len(block)]
+
+
+def _as_tensor(block) -> Tensor:
+    if isinstance(block, Tensor):
+        return block.detach()
+    with warnings.catch_warnings():
+        # A read-only memmap slice: torch warns it is not writable; we only read it.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(block)
+
+
+# id(keys) -> (what identifies that state of the keys, {(dtype, device, chunk): inverse norms})
+_NORM_CACHE: dict[int, tuple[tuple, dict]] = {}
+
+
+def _logit_scales(keys, chunk_rows: int, like: Tensor, normalise: bool, temperature: float) -> Tensor:
+    """Per-key logit scale [N]: 1/(τ‖K_j‖), or 1/τ without `normalise`.
+
+    Scaling the B×chunk logits is far cheaper than writing a normalised copy of
+    each chunk, and the norms, a full pass over the queue, are measured once per
+    frozen queue rather than every step.
+    """
+    if not normalise:
+        return torch.full((len(keys),), 1 / temperature, dtype=like.dtype, device=like.device)
+    return _inverse_norms(keys, chunk_rows, like) / temperature
+
+
+def _inverse_norms(keys, chunk_rows: int, like: Tensor) -> Tensor:
+    state = _frozen_state(keys)
+    slot = (like.dtype, like.device)
+    if state is not None:
+        cached = _NORM_CACHE.get(id(keys))
+        if cached is not None and cached[0] == state and slot in cached[1]:
+            return cached[1][slot]
+    norms = torch.empty(len(keys), dtype=like.dtype, device=like.device)
+    for start in range(0, len(keys), chunk_rows):
+        block = _as_tensor(keys[start:start + chunk_rows]).to(device=like.device, dtype=like.dtype)
+        torch.linalg.vector_norm(block, dim=1, out=norms[start:start + len(block)])
+    inverse = norms.clamp_min_(1e-12).reciprocal_()
+    if state is not None:
+        if id(keys) not in _NORM_CACHE:
+            weakref.finalize(keys, _NORM_CACHE.pop, id(keys), None)
+        if _NORM_CACHE.get(id(keys), (None,))[0] != state:
+            _NORM_CACHE[id(keys)] = (state, {})
+        _NORM_CACHE[id(keys)][1][slot] = inverse
+    return inverse
+
+
+def _frozen_state(keys) -> tuple | None:
+    """What identifies the current contents of `keys`, or None when they may change unseen."""
+    if isinstance(keys, Tensor):
+        return ("tensor", keys.data_ptr(), tuple(keys.shape), keys.dtype, keys._version)
+    if isinstance(keys, np.ndarray) and not keys.flags.writeable:
+        return ("array", keys.__array_interface__["data"][0], keys.shape, keys.dtype.str)
+    return None
 
 
 def _gather_rows(keys, rows: Tensor, like: Tensor, normalise: bool) -> Tensor:

@@ -83,6 +83,35 @@ def linear_warmup_decay(warmup: int, total: int):
     return factor
 
 
+def train_step(named: dict, weights: dict, optimizer, scheduler, params: list, max_grad_norm: float,
+               step: int, where: Path | str = "") -> dict[str, float]:
+    """Backward and update from the step's named losses; returns {"loss": total, name: value}.
+
+    The values come to the host in one copy per step (on a GPU each copy is a wait) and the total
+    is checked for NaN/inf before the optimizer touches the weights."""
+    total = _weighted_sum(named, weights)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    values = torch.stack([total.detach(), *(v.detach() for v in named.values())]).float().tolist()
+    if not math.isfinite(values[0]):
+        raise EimError(f"loss became {values[0]} at step {step}", where=str(where),
+                       hint="lower train.lr or check the data; resume from the last checkpoint")
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    return dict(zip(["loss", *named], values))
+
+
+def _weighted_sum(named: dict, weights: dict) -> torch.Tensor:
+    """Σ weight·loss without a kernel for a weight of 1 or for the sum's starting 0."""
+    terms = [value if weights.get(name, 1.0) == 1.0 else weights[name] * value for name, value in named.items()]
+    total = terms[0]
+    for term in terms[1:]:
+        total = total + term
+    return total
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise EimError("train.device=cuda but no CUDA device is visible", hint="use train.device=auto or cpu")
@@ -152,8 +181,9 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
 
     model.to(device)
     model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     loader = DataLoader(_Indices(collate), batch_sampler=batches_from(plan, cfg.seed, step), collate_fn=collate,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and device.type == "cuda",
                         # its own generator: drawing worker seeds must not move the global RNG (dropout)
                         generator=torch.Generator().manual_seed(cfg.seed))
     progress = StepProgress(f"train {stage}", plan.total_steps, start=step, log_every=cfg.log_every, enabled=show)
@@ -163,20 +193,12 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
     with open(metrics_path, "a", encoding="utf-8") as metrics:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            named = losses(batch)
-            total = sum((weights or {}).get(name, 1.0) * value for name, value in named.items())
-            if not torch.isfinite(total):
-                raise EimError(f"loss became {total.item()} at step {step + 1}", where=str(out_dir),
-                               hint="lower train.lr or check the data; resume from the last checkpoint")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            with autocast:
+                named = losses(batch)
+            last_losses = train_step(named, weights or {}, optimizer, scheduler, params, cfg.max_grad_norm,
+                                     step + 1, out_dir)
             step += 1
             samples_seen += len(batch["indices"])
-            last_losses = {"loss": total.item(), **{k: v.item() for k, v in named.items()}}
             for key, value in last_losses.items():
                 interval["sum"][key] = interval["sum"].get(key, 0.0) + value
             interval["count"] += 1

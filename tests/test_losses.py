@@ -170,3 +170,33 @@ def test_mean_pool_and_last_token():
     torch.testing.assert_close(last_token(hidden, left_padded), hidden[:, 3])
     with pytest.raises(ValueError, match="no 1s"):
         last_token(hidden, torch.tensor([[1, 0, 0, 0], [0, 0, 0, 0]]))
+
+
+def test_key_norms_are_measured_once_per_frozen_queue_and_again_after_a_change():
+    """The inverse key norms are cached per queue; an in-place edit or a writable array is re-measured."""
+    generator = torch.Generator().manual_seed(5)
+    keys = torch.randn(30, 8, generator=generator) * 3  # not unit rows: the norms matter
+    query = torch.randn(4, 8, generator=generator)
+    positive = torch.tensor([0, 5, 29, 5])
+    first = queue_infonce(query, keys, positive, chunk_rows=7)
+    torch.testing.assert_close(first, infonce_reference(query, keys, positive))
+    keys[3] *= -5  # in place: the cached norms must not be reused
+    torch.testing.assert_close(queue_infonce(query, keys, positive, chunk_rows=7),
+                               infonce_reference(query, keys, positive))
+    writable = keys.numpy().copy()
+    queue_infonce(query, writable, positive, chunk_rows=7)
+    writable[10] *= 4
+    torch.testing.assert_close(queue_infonce(query, writable, positive, chunk_rows=7),
+                               infonce_reference(query, torch.from_numpy(writable), positive))
+    frozen = writable.copy()
+    frozen.flags.writeable = False
+    torch.testing.assert_close(queue_infonce(query, frozen, positive, chunk_rows=7),
+                               queue_infonce(query, frozen, positive, chunk_rows=30))
+
+
+def test_default_chunk_rows_depend_on_the_device():
+    from eimctl.losses import CPU_CHUNK_ROWS, GPU_CHUNK_ROWS, default_chunk_rows
+    assert default_chunk_rows("cpu") == CPU_CHUNK_ROWS and default_chunk_rows("cuda") == GPU_CHUNK_ROWS
+    keys = torch.nn.functional.normalize(torch.randn(CPU_CHUNK_ROWS + 5, 4), dim=-1)
+    query, positive = torch.randn(3, 4), torch.tensor([0, CPU_CHUNK_ROWS, CPU_CHUNK_ROWS + 4])
+    torch.testing.assert_close(queue_infonce(query, keys, positive), infonce_reference(query, keys, positive))

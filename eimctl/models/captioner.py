@@ -25,6 +25,14 @@ class Captioner(nn.Module):
         self.lm_dim = self.lm.get_input_embeddings().embedding_dim
         self.projector = build_projector(cfg.projector, self.clip.feature_dim, self.clip.num_tokens, self.lm_dim)
 
+    def compile_for_training(self) -> None:
+        """torch.compile the projector and the LM in place (train.compile); parameter names stay the same.
+
+        dynamic=True: caption lengths change from batch to batch, and one graph for all of them
+        beats recompiling for each new length."""
+        self.projector.compile(dynamic=True)
+        self.lm.compile(dynamic=True)
+
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
         """Image features [B, T, d] -> LM prefix embeddings [B, P, D]."""
         return self.projector(features)

@@ -29,7 +29,7 @@ def compute_losses(model: Captioner, batch: dict, losses: dict, queues: dict, ei
     ids, mask, index = batch["caption_ids"], batch["caption_mask"], batch["indices"]
 
     def infonce(query: torch.Tensor, queue: str) -> torch.Tensor:
-        return queue_infonce(query, queues[queue], index, temperature=eim.temperature, chunk_rows=eim.chunk_rows)
+        return queue_infonce(query, queues[queue], index, temperature=eim.temperature, chunk_rows=eim.chunk_rows or None)
 
     features = image_features(model, batch)
     if "ie" in losses:
