@@ -76,7 +76,7 @@ def require_queues(config: Config, train: CaptionSplit, names: list[str]) -> dic
 
 
 def _prepare_batch(name: str, clip, captions: list[str], token_ids: list[list[int]], pad_id: int):
-    """The CPU-side work of a batch (CLIP's BPE tokenizer, or padding): run one batch ahead in a thread."""
+    """The CPU-side work of a batch (CLIP's BPE tokenizer, or padding), done ahead of the encoder."""
     if name == "kt":
         return (clip.tokenizer(captions),)
     return pad_batch(token_ids, pad_id)

@@ -84,7 +84,7 @@ class TrainConfig:
     log_every: int = 50
     device: str = "auto"             # auto | cpu | cuda
     feature_cache: bool = True       # encode each image once when CLIP is frozen
-    num_workers: int = 0             # DataLoader worker processes building batches (and encoding images)
+    num_workers: int = 0             # worker processes: batches, image encoding, CLIP tokenising in build-queues
     pin_memory: bool = True          # page-locked batches for faster host-to-GPU copies (CUDA only)
     precision: str = "fp32"          # fp32 | bf16 (autocast to bfloat16; the InfoNCE stays float32)
     compile: bool = False            # torch.compile the projector and the LM (first steps compile)
