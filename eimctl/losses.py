@@ -183,41 +183,37 @@ def _as_tensor(block) -> Tensor:
         return torch.from_numpy(block)
 
 
-# id(keys) -> (what identifies that state of the keys, {(dtype, device, chunk): inverse norms})
-_NORM_CACHE: dict[int, tuple[tuple, dict]] = {}
+# id(keys) -> (what identifies that state of the keys, {(dtype, device, τ): logit scales})
+_SCALE_CACHE: dict[int, tuple[tuple, dict]] = {}
 
 
 def _logit_scales(keys, chunk_rows: int, like: Tensor, normalise: bool, temperature: float) -> Tensor:
     """Per-key logit scale [N]: 1/(τ‖K_j‖), or 1/τ without `normalise`.
 
     Scaling the B×chunk logits is far cheaper than writing a normalised copy of
-    each chunk, and the norms, a full pass over the queue, are measured once per
-    frozen queue rather than every step.
+    each chunk, and the scales, a full pass over the queue, are computed once per
+    frozen queue (and dtype, device, τ) rather than every step.
     """
     if not normalise:
         return torch.full((len(keys),), 1 / temperature, dtype=like.dtype, device=like.device)
-    return _inverse_norms(keys, chunk_rows, like) / temperature
-
-
-def _inverse_norms(keys, chunk_rows: int, like: Tensor) -> Tensor:
     state = _frozen_state(keys)
-    slot = (like.dtype, like.device)
+    slot = (like.dtype, like.device, temperature)
     if state is not None:
-        cached = _NORM_CACHE.get(id(keys))
+        cached = _SCALE_CACHE.get(id(keys))
         if cached is not None and cached[0] == state and slot in cached[1]:
             return cached[1][slot]
     norms = torch.empty(len(keys), dtype=like.dtype, device=like.device)
     for start in range(0, len(keys), chunk_rows):
         block = _as_tensor(keys[start:start + chunk_rows]).to(device=like.device, dtype=like.dtype)
         torch.linalg.vector_norm(block, dim=1, out=norms[start:start + len(block)])
-    inverse = norms.clamp_min_(1e-12).reciprocal_()
+    scales = norms.clamp_min_(1e-12).mul_(temperature).reciprocal_()
     if state is not None:
-        if id(keys) not in _NORM_CACHE:
-            weakref.finalize(keys, _NORM_CACHE.pop, id(keys), None)
-        if _NORM_CACHE.get(id(keys), (None,))[0] != state:
-            _NORM_CACHE[id(keys)] = (state, {})
-        _NORM_CACHE[id(keys)][1][slot] = inverse
-    return inverse
+        if id(keys) not in _SCALE_CACHE:
+            weakref.finalize(keys, _SCALE_CACHE.pop, id(keys), None)
+        if _SCALE_CACHE.get(id(keys), (None,))[0] != state:
+            _SCALE_CACHE[id(keys)] = (state, {})
+        _SCALE_CACHE[id(keys)][1][slot] = scales
+    return scales
 
 
 def _frozen_state(keys) -> tuple | None:
