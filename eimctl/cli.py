@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from eimctl.errors import EimError, report_and_exit
+from eimctl.runtime.errors import EimError, report_and_exit
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and evaluate CLIP + projector + LM models with EIM.\n\n"
@@ -60,13 +60,13 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
     config) and trains only its own modules with its own losses; see eimctl/schedule.py.
     """
     from eimctl.config import load_config
-    from eimctl.stages import runner
+    from eimctl.steps.train_stage import train_stage as run_stage
 
     if resume not in RESUME_CHOICES:  # checked here so it is one `Error:` line, exit code 1
         raise EimError(f"--resume must be auto or never, not '{resume}'", where="eimctl train-stage",
                        hint="pass --resume auto (continue) or --resume never (refuse to continue)")
     cfg = load_config(config, overrides)
-    runner.run(cfg, run_dir, stage, force=force, resume=resume, show=not quiet)
+    run_stage(cfg, run_dir, stage, force=force, resume=resume, show=not quiet)
 
 
 @app.command("schedule")
@@ -76,10 +76,10 @@ def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VAL
              run_dir: Path = typer.Option(Path("runs/<run>"), "--run-dir", help="Shown in the printed commands.")):
     """Print the config's stages in training order, and the commands that run them."""
     from eimctl.config import load_config
-    from eimctl.schedule import training_order
+    from eimctl.eim.schedule import training_order
 
     cfg = load_config(config, overrides)
-    specs = training_order(cfg.stages)
+    specs = training_order(cfg)
     config_arg = "".join(f" --config {c}" for c in config or [])
     extra = "".join(f" {o}" for o in overrides or [])
     if any(spec.queues for spec in specs):
@@ -99,12 +99,12 @@ def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY
                                                                   "clip-vit-l14-336)."),
                  force: bool = FORCE, quiet: bool = QUIET):
     """Build the key queues Kt, Ke, Kb (Parquet, one row per training sample) into the queue store."""
-    from eimctl.build_queues import run
     from eimctl.config import load_config
     from eimctl.models.clip import encoder_overrides
+    from eimctl.steps.build_queues import build_queues as run_build
 
     cfg = load_config(config, list(overrides or []) + encoder_overrides(encoder))
-    run(cfg, force=force, show=not quiet)
+    run_build(cfg, force=force, show=not quiet)
 
 
 @evaluate_app.command("coco")
@@ -117,20 +117,21 @@ def evaluate_coco(run_dir: Path = RUN_DIR,
                                                                        "jars; without it SPICE is unavailable."),
                   force: bool = FORCE, quiet: bool = QUIET):
     """Caption the split's images and score them (BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE)."""
-    import json
-    from eimctl.evaluate import coco
+    _evaluate_and_print("coco", run_dir, stage, overrides, {"spice_jars": spice_jars}, force, quiet)
 
-    out = coco.run(run_dir, stage, overrides=overrides, spice_jars=spice_jars, force=force, show=not quiet)
+
+def _evaluate_and_print(task_name: str, run_dir: Path, stage: str, overrides, options: dict, force: bool,
+                        quiet: bool) -> None:
+    import json
+    from eimctl.steps.evaluate import evaluate
+    from eimctl.tasks import get_task
+
+    out = evaluate(task_name, run_dir, stage, overrides=overrides, options=options, force=force, show=not quiet)
     if not quiet:
-        result = json.loads((out / "metrics.json").read_text())
-        metrics = result["metrics"]
-        print(f"{stage} on {result['split']}: BLEU-4 {100 * metrics['Bleu_4']:.2f}  CIDEr {100 * metrics['CIDEr']:.2f}"
-              f"  -> {out}")
-        floor = result.get("fixed_caption_baseline")
-        if floor:
-            print(f"best single fixed caption: BLEU-4 {100 * floor['Bleu_4']['score']:.2f} "
-                  f"(\"{floor['Bleu_4']['caption']}\")  CIDEr {100 * floor['CIDEr']['score']:.2f} "
-                  f"(\"{floor['CIDEr']['caption']}\")")
+        lines = get_task(task_name).summary(json.loads((out / "metrics.json").read_text()))
+        print(f"{lines[0]}  -> {out}")
+        for line in lines[1:]:
+            print(line)
 
 
 @app.command("report")
@@ -142,7 +143,7 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run dire
            quiet: bool = QUIET):
     """Tabulate metrics per run and stage (terminal + report.md) and plot training loss curves."""
     from rich.console import Console
-    from eimctl.report import aggregate_markdown, aggregate_rows, collect_rows, render_table, write_report
+    from eimctl.steps.report import aggregate_markdown, aggregate_rows, collect_rows, render_table, write_report
 
     target = out or (run_dirs[0] / "report")
     path = write_report(run_dirs, target, aggregate=aggregate)

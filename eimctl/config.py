@@ -16,19 +16,17 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from eimctl.errors import EimError
-
-# The paper's segmented order for the ClipCap family (Table 1), plus the plain baseline `base`.
-DEFAULT_STAGES = {
-    "base": {"init": "pretrained", "trainable": ["projector", "lm"], "losses": {"base": 1.0}},
-    "st": {"init": "pretrained", "trainable": ["projector"], "losses": {"st": 1.0}},
-    "lm": {"init": "st", "trainable": ["lm"], "losses": {"lm": 1.0}},
-    "base-ie": {"init": "lm", "trainable": ["projector", "lm", "clip_prompts"], "losses": {"base": 1.0, "ie": 1.0}},
-}
+from eimctl.models.clip import ClipConfig
+from eimctl.models.lm import LMConfig
+from eimctl.models.projectors import ProjectorConfig
+from eimctl.models.registry import FAMILIES, family_sections
+from eimctl.runtime.errors import EimError
+from eimctl.tasks import TASKS
 
 
 @dataclass
 class DataConfig:
+    task: str = "coco"               # the task that reads and formats the data (eimctl/tasks/)
     format: str = "jsonl"            # jsonl | coco-karpathy
     path: str = ""                   # folder with {train,val,test}.jsonl, or dataset_coco.json
     image_root: str = ""             # images are resolved under this folder (default: next to `path`)
@@ -37,36 +35,15 @@ class DataConfig:
     overlong: str = "truncate"       # truncate | refuse
 
 
-@dataclass
-class ClipConfig:
-    name: str = "ViT-B-32"           # open_clip model name, `hf-hub:org/repo` or `local-dir:/path`
-    pretrained: str = "openai"       # open_clip pretrained tag or a local checkpoint file ("" = random)
-    remove_projection: bool = False  # drop visual.proj: features are the width-d [CLS] / tokens
-    tokens: str = "pooled"           # pooled ([CLS] only) | full ([CLS] + patch tokens)
-
-
-@dataclass
-class ProjectorConfig:
-    type: str = "mlp"                # mlp | ffn | transformer
-    prefix_length: int = 10          # mlp / transformer: number of prefix tokens produced
-    hidden: int = 0                  # ffn hidden width (0 = 4 x LM width); mlp hidden (0 = LM width x prefix / 2)
-    layers: int = 8                  # transformer mapping network depth
-    heads: int = 8                   # transformer mapping network heads
-
-
-@dataclass
-class LMConfig:
-    name: str = "gpt2"               # Hugging Face id or local directory
-    gguf_file: str = ""              # GGUF file name inside `name` (a directory), if the LM is GGUF
-    trust_remote_code: bool = False  # run model code shipped with the weights (off unless asked)
-
-
-@dataclass
-class ModelConfig:
-    family: str = "clipcap"
-    clip: ClipConfig = field(default_factory=ClipConfig)
-    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
-    lm: LMConfig = field(default_factory=LMConfig)
+# The parts every family shares, plus one section per family that has options of its own
+# (declared by the family module as SECTION; see eimctl/models/registry.py).
+ModelConfig = dataclasses.make_dataclass("ModelConfig", [
+    ("family", str, field(default="clipcap")),
+    ("clip", ClipConfig, field(default_factory=ClipConfig)),
+    ("projector", ProjectorConfig, field(default_factory=ProjectorConfig)),
+    ("lm", LMConfig, field(default_factory=LMConfig)),
+    *[(name, section, field(default_factory=section)) for name, section in family_sections().items()],
+])
 
 
 @dataclass
@@ -104,7 +81,7 @@ class EvalConfig:
 class EIMConfig:
     """The method's knobs, including the choices the paper leaves open (README: 'Interpretation choices')."""
     temperature: float = 0.07
-    queues_dir: str = "queues"        # the queue store (DESIGN.md §3)
+    queues_dir: str = "queues"        # the queue store (queues/README.md)
     queue_dtype: str = "float16"      # float16 | float32 storage of the key queues
     chunk_rows: int = 0               # keys per chunk of the streaming InfoNCE; 0 = by device (eimctl/losses.py)
     queue_placement: str = "auto"     # auto | host | device: memory-map the queues, or copy them to the
@@ -123,13 +100,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     eim: EIMConfig = field(default_factory=EIMConfig)
-    stages: dict = field(default_factory=lambda: copy.deepcopy(DEFAULT_STAGES))  # see eimctl/schedule.py
+    stages: dict = field(default_factory=dict)  # the schedule (eimctl/eim/schedule.py); {} = the family's own
 
 
 CHOICES = {
+    "data.task": TASKS,          # the registries themselves, so a registered name is known at once
     "data.format": {"jsonl", "coco-karpathy"},
     "data.overlong": {"truncate", "refuse"},
-    "model.family": {"clipcap"},
+    "model.family": FAMILIES,
     "model.clip.tokens": {"pooled", "full"},
     "model.projector.type": {"mlp", "ffn", "transformer"},
     "train.device": {"auto", "cpu", "cuda"},
@@ -283,6 +261,18 @@ def load_config(path: Path | list[Path] | None = None, overrides: list[str] | No
         raise EimError("invalid configuration: " + "; ".join(problems), where=source,
                        hint="see README.md 'Configuration' for every key and its default")
     return config
+
+
+def with_overrides(config: Config, updates: dict, source: str) -> Config:
+    """A copy of `config` with `updates` (a nested mapping, e.g. a stage's `{"train": {...}}`) applied
+    and validated like any other layer."""
+    updated, problems = copy.deepcopy(config), []
+    _merge(updated, updates, "", problems)
+    _check_values(updated, problems)
+    if problems:
+        raise EimError("invalid configuration: " + "; ".join(problems), where=source,
+                       hint="see README.md 'Configuration' for every key and its default")
+    return updated
 
 
 def to_dict(config: Any) -> dict:

@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from eimctl.cli import app
 from eimctl.config import load_config
-from eimctl.schedule import training_order
+from eimctl.eim.schedule import training_order
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +26,7 @@ def test_ablation_runs_through_the_cli(tmp_path: Path, tiny_overrides, ablation)
     overrides = tiny_overrides + [f"eim.queues_dir={tmp_path / 'queues'}", "eim.prompt_tokens=2",
                                   "train.max_steps=2"]
     configs = ["--config", str(BASE), "--config", str(ablation)]
-    specs = training_order(load_config([BASE, ablation], overrides).stages)
+    specs = training_order(load_config([BASE, ablation], overrides))
     if any(spec.queues for spec in specs):
         result = runner.invoke(app, ["build-queues", "-q", *configs, *overrides])
         assert result.exit_code == 0, result.output

@@ -13,12 +13,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import eimctl.checkpoint as checkpoint
-from eimctl.build_queues import queue_folder
+import eimctl.runtime.weights as weights_io
+import eimctl.train.checkpoint as checkpoint
+from eimctl.eim.queues import queue_folder
 from eimctl.cli import app
 from eimctl.config import load_config
 from eimctl.data.captions import read_split
-from eimctl.queue_store import read_queue_info, write_queue
+from eimctl.eim.queue_store import read_queue_info, write_queue
 
 runner = CliRunner()
 
@@ -96,14 +97,14 @@ def test_empty_caption(tmp_path, data, over):
 
 def test_overlong_caption_refused(tmp_path, over):
     line = fails(train(tmp_path, over, "data.max_caption_tokens=2", "data.overlong=refuse"),
-                 "captions exceed data.max_caption_tokens=2", tmp_path, tmp_path / "run/stages/base")
+                 "samples exceed data.max_caption_tokens=2", tmp_path, tmp_path / "run/stages/base")
     assert "data.overlong=truncate" in line
 
 
 def test_overlong_caption_truncated_with_warning(tmp_path, over):
     result = runner.invoke(app, train(tmp_path, over, "data.max_caption_tokens=3", "train.epochs=1"))
     assert result.exit_code == 0, result.output
-    assert "captions longer than 3 tokens were truncated" in result.output
+    assert "samples longer than 3 tokens were truncated" in result.output
 
 
 def test_duplicate_sample_ids(tmp_path, data, over):
@@ -256,7 +257,7 @@ def test_manifest_not_json(tmp_path, trained):
 @pytest.fixture
 def interrupted(tmp_path, over, monkeypatch) -> Path:
     """A stage whose final save hit a full disk: one clear line, checkpoints kept for --resume auto."""
-    real = checkpoint.save_file
+    real = weights_io.save_file
 
     def full(tensors, path, *args, **kwargs):
         if "final" in str(path):
@@ -264,7 +265,7 @@ def interrupted(tmp_path, over, monkeypatch) -> Path:
         return real(tensors, path, *args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "save_file", full)
+        patch.setattr(weights_io, "save_file", full)
         line = fails(train(tmp_path, over), "disk full while writing", tmp_path, tmp_path / "run/stages/base")
     assert "final/trainable.safetensors" in line and "free space" in line
     assert not (tmp_path / "run/stages/base/final/trainable.safetensors").exists()
@@ -346,7 +347,7 @@ def test_queue_built_from_another_fingerprint(tmp_path, queues):
 
 
 def test_disk_full_anywhere_else_is_one_line_too(capsys):
-    from eimctl.errors import report_and_exit
+    from eimctl.runtime.errors import report_and_exit
 
     with pytest.raises(SystemExit) as exited:
         report_and_exit(OSError(errno.ENOSPC, "No space left on device", "/runs/r/stages/base/metrics.jsonl"))

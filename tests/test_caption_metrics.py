@@ -13,7 +13,7 @@ import pytest
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 from eimctl.evaluate import caption_metrics
 from eimctl.evaluate.caption_metrics import (_FixedCaptionCider, _spice_unavailable_reason, best_fixed_caption,
                                              score_captions, write_coco_results)

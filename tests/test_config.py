@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from eimctl.config import config_fingerprint, load_config, parse_overrides
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 
 def test_precedence_defaults_yaml_overrides(tmp_path: Path):

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from eimctl.cli import app
-from eimctl.rundir import outputs_intact, read_manifest
+from eimctl.runtime.rundir import outputs_intact, read_manifest
 
 runner = CliRunner()
 SEED = 20260426

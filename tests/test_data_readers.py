@@ -7,7 +7,7 @@ import pytest
 from eimctl.config import DataConfig
 from eimctl.data.captions import read_split
 from eimctl.data.images import load_image, resolve_image
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 
 def karpathy(tmp_path: Path) -> Path:

@@ -8,15 +8,16 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from eimctl.build_queues import queue_folder
+from eimctl.eim.queues import queue_folder
 from eimctl.cli import app
 from eimctl.config import load_config
 from eimctl.data.captions import read_split
-from eimctl.errors import EimError
-from eimctl.models.captioner import Captioner, pad_batch, tokenize_captions
-from eimctl.queue_store import open_queue, read_queue_info
-from eimctl.schedule import resolve_schedule
-from eimctl.stages.runner import build_model, set_trainable
+from eimctl.runtime.errors import EimError
+from eimctl.data.tokens import pad_batch, tokenize_pairs
+from eimctl.models.factory import build_model, set_trainable
+from eimctl.eim.queue_store import open_queue, read_queue_info
+from eimctl.eim.schedule import resolve_schedule
+from eimctl.eim.schedule import schedule_uses
 
 runner = CliRunner()
 
@@ -38,10 +39,11 @@ def test_queues_hold_the_documented_keys(eim_overrides):
     config = load_config(overrides=eim_overrides)
     train = read_split(config.data, "train")
     folder = queue_folder(config, train)
-    model = Captioner(config.model)
+    model, _ = build_model(config, groups=set(), losses=set())
     model.eval()
-    ids, _ = tokenize_captions(model.tokenizer, [s.caption for s in train.samples[:5]], 40)
-    tokens, mask = pad_batch(ids, model.tokenizer.pad_token_id)
+    tokenized, _ = tokenize_pairs(model.tokenizer, [("", s.caption) for s in train.samples[:5]], 40)
+    batch = pad_batch(tokenized, model.tokenizer.pad_token_id)
+    tokens, mask = batch["input_ids"], batch["attention_mask"]
     with torch.no_grad():
         kt = model.clip.encode_text([s.caption for s in train.samples[:5]])
         emb = model.lm.get_input_embeddings()(tokens)
@@ -95,8 +97,10 @@ def test_stage_without_queues_is_refused(tmp_path: Path, eim_overrides):
 ])
 def test_trainable_sets(eim_overrides, stage, expected):
     config = load_config(overrides=eim_overrides)
-    model, _ = build_model(config)
-    set_trainable(model, resolve_schedule(config.stages)[stage])
+    groups, losses = schedule_uses(config)
+    spec = resolve_schedule(config)[stage]
+    model, _ = build_model(config, groups=groups, losses=losses, trained_now=set(spec.trainable))
+    set_trainable(model, config.model.family, spec.trainable)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     groups = {"clip.prompts" if n == "clip.prompts" else n.split(".")[0] for n in names}
     assert groups == expected
@@ -108,9 +112,9 @@ def test_unknown_stage_and_bad_schedule():
     result = cli("train-stage", "nope", "--run-dir", "/tmp/x")
     assert result.exit_code == 1 and "unknown stage 'nope'" in result.output and "st, lm, base-ie" in result.output
     with pytest.raises(EimError) as caught:
-        resolve_schedule({"x": {"init": "y", "trainable": ["lmm"], "losses": {"foo": 1}}})
+        resolve_schedule(load_config(base={"stages": {"x": {"init": "y", "trainable": ["lmm"], "losses": {"foo": 1}}}}))
     text = caught.value.line()
     assert "unknown loss 'foo'" in text and "unknown module 'lmm'" in text and "'y' is neither" in text
     with pytest.raises(EimError, match="init chain loops"):
-        resolve_schedule({"a": {"init": "b", "trainable": ["lm"], "losses": {"base": 1}},
-                          "b": {"init": "a", "trainable": ["lm"], "losses": {"base": 1}}})
+        resolve_schedule(load_config(base={"stages": {"a": {"init": "b", "trainable": ["lm"], "losses": {"base": 1}},
+                                                      "b": {"init": "a", "trainable": ["lm"], "losses": {"base": 1}}}}))

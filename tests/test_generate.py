@@ -1,11 +1,11 @@
-"""KV-cached batched decoding (eimctl.generate) against the no-cache ClipCap loop, on tiny GPT-2 and Llama."""
+"""KV-cached batched decoding (eimctl.models.generate) against the no-cache ClipCap loop, on tiny GPT-2 and Llama."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from eimctl.generate import generate_captions, generate_captions_naive
+from eimctl.models.generate import generate_captions, generate_captions_naive
 
 DIM, PREFIX_LEN, MAX_NEW = 32, 5, 12
 NEVER = -1  # an eos id no token can match: decoding runs to max_new_tokens

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from eimctl.errors import EimError
-from eimctl.losses import infonce_reference, last_token, mean_pool, queue_infonce
-from eimctl.queue_store import open_queue, write_queue
+from eimctl.runtime.errors import EimError
+from eimctl.eim.losses import infonce_reference, last_token, mean_pool, queue_infonce
+from eimctl.eim.queue_store import open_queue, write_queue
 
 # Three unit keys in the plane: east, north, west.
 HAND_KEYS = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], dtype=np.float32)
@@ -195,7 +195,7 @@ def test_key_norms_are_measured_once_per_frozen_queue_and_again_after_a_change()
 
 
 def test_default_chunk_rows_depend_on_the_device():
-    from eimctl.losses import CPU_CHUNK_ROWS, GPU_CHUNK_ROWS, default_chunk_rows
+    from eimctl.eim.losses import CPU_CHUNK_ROWS, GPU_CHUNK_ROWS, default_chunk_rows
     assert default_chunk_rows("cpu") == CPU_CHUNK_ROWS and default_chunk_rows("cuda") == GPU_CHUNK_ROWS
     keys = torch.nn.functional.normalize(torch.randn(CPU_CHUNK_ROWS + 5, 4), dim=-1)
     query, positive = torch.randn(3, 4), torch.tensor([0, CPU_CHUNK_ROWS, CPU_CHUNK_ROWS + 4])

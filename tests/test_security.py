@@ -41,7 +41,7 @@ def test_yaml_safe_load_only():
 def test_remote_code_only_from_config():
     # every place that sets trust_remote_code takes it from model.lm.trust_remote_code (default false)
     sets = [u for u in _calls(r"\btrust_remote_code['\"]?\s*[:=]")
-            if not u.startswith("config.py") and "model.lm.trust_remote_code=true" not in u]
+            if not re.search(r"trust_remote_code: bool = False", u) and "model.lm.trust_remote_code=true" not in u]
     assert sets and all(re.search(r"[:=]\s*cfg\.trust_remote_code\b", u) for u in sets), sets
     assert _calls(r"trust_remote_code['\"]?\s*[:=]\s*True") == []
 
@@ -54,7 +54,7 @@ def test_image_paths_confined_unless_allowed(tmp_path):
     from eimctl.config import DataConfig
     from eimctl.data.images import resolve_image
     import pytest
-    from eimctl.errors import EimError
+    from eimctl.runtime.errors import EimError
 
     assert DataConfig().allow_outside_root is False
     for escape in ("../x.png", "/etc/hostname", "a/../../x.png"):

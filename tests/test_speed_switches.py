@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from eimctl.cli import app
-from eimctl.losses import infonce_reference, queue_infonce
+from eimctl.eim.losses import infonce_reference, queue_infonce
 
 runner = CliRunner()
 
@@ -87,7 +87,7 @@ def test_compiled_stage_matches_eager(tmp_path, tiny_overrides, monkeypatch):
 def test_queues_built_with_tokeniser_workers_are_identical(tmp_path, eim_overrides, monkeypatch):
     import numpy as np
 
-    from eimctl.build_queues import queue_folder
+    from eimctl.eim.queues import queue_folder
     from eimctl.config import load_config
     from eimctl.data.captions import read_split
     monkeypatch.setenv("EIMCTL_QUEUE_PART_ROWS", "16")  # several parts, so batches cross part boundaries
@@ -103,8 +103,8 @@ def test_queues_built_with_tokeniser_workers_are_identical(tmp_path, eim_overrid
 
 
 def test_train_step_refuses_a_non_finite_loss_before_updating():
-    from eimctl.errors import EimError
-    from eimctl.trainer import train_step
+    from eimctl.runtime.errors import EimError
+    from eimctl.train.loop import train_step
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -121,8 +121,8 @@ def test_train_step_refuses_a_non_finite_loss_before_updating():
 def test_a_queue_too_big_for_the_device_is_one_clear_error(monkeypatch):
     import numpy as np
 
-    from eimctl.errors import EimError
-    from eimctl.stages import runner as stage_runner
+    from eimctl.runtime.errors import EimError
+    from eimctl.eim import queues as stage_runner
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory")

@@ -14,13 +14,14 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import eimctl.checkpoint as checkpoint
-from eimctl.build_queues import queue_folder
-from eimctl.checkpoint import list_checkpoints, load_state
+import eimctl.runtime.weights as weights_io
+import eimctl.train.checkpoint as checkpoint
+from eimctl.eim.queues import queue_folder
+from eimctl.train.checkpoint import list_checkpoints, load_state
 from eimctl.cli import app
 from eimctl.config import load_config
 from eimctl.data.captions import read_split
-from eimctl.rundir import outputs_intact, read_manifest
+from eimctl.runtime.rundir import outputs_intact, read_manifest
 
 runner = CliRunner()
 
@@ -30,7 +31,7 @@ class FailingWrites:
 
     def __init__(self, monkeypatch, fail_at: int = 0):
         self.calls, self.fail_at = 0, fail_at
-        real_replace, real_save_file, real_torch_save = os.replace, checkpoint.save_file, torch.save
+        real_replace, real_save_file, real_torch_save = os.replace, weights_io.save_file, torch.save
 
         def counted(real):
             def wrapper(*args, **kwargs):
@@ -41,7 +42,7 @@ class FailingWrites:
             return wrapper
 
         monkeypatch.setattr(os, "replace", counted(real_replace))
-        monkeypatch.setattr(checkpoint, "save_file", counted(real_save_file))
+        monkeypatch.setattr(weights_io, "save_file", counted(real_save_file))
         monkeypatch.setattr(torch, "save", counted(real_torch_save))
 
 

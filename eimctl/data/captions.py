@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eimctl.config import DataConfig
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 
 @dataclass(frozen=True)

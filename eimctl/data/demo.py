@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from eimctl.atomic import write_json
-from eimctl.errors import EimError
+from eimctl.runtime.atomic import write_json
+from eimctl.runtime.errors import EimError
 
 # Bump when the rendering or caption rules change, so a cached folder made by an
 # older generator is not mistaken for a current one.

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 
 def resolve_image(root: Path, relative: str, allow_outside_root: bool = False) -> Path:

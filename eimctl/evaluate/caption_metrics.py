@@ -47,8 +47,8 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from eimctl.atomic import write_json
-from eimctl.errors import EimError
+from eimctl.runtime.atomic import write_json
+from eimctl.runtime.errors import EimError
 
 CORENLP_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 # pycocoevalcap is a namespace package (no __file__), so locate it through a submodule.

@@ -1,1 +1,1 @@
-"""Model parts: CLIP encoder, projectors (ST), language model, and the captioner that joins them."""
+"""Model parts (CLIP, projectors, LM), the family protocol and registry, and one module per family."""

@@ -7,11 +7,20 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from eimctl.config import ClipConfig
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
+
+
+@dataclass
+class ClipConfig:
+    name: str = "ViT-B-32"           # open_clip model name, `hf-hub:org/repo` or `local-dir:/path`
+    pretrained: str = "openai"       # open_clip pretrained tag or a local checkpoint file ("" = random)
+    remove_projection: bool = False  # drop visual.proj: features are the width-d [CLS] / tokens
+    tokens: str = "pooled"           # pooled ([CLS] only) | full ([CLS] + patch tokens)
 
 
 # Short names for the OpenAI CLIP checkpoints the paper's families use.
@@ -63,7 +72,7 @@ def _weights_error(cfg: ClipConfig, error: Exception) -> EimError:
 class ClipEncoder(nn.Module):
     """open_clip model with configurable visual features. Frozen unless a stage says otherwise."""
 
-    def __init__(self, cfg: ClipConfig, prompt_tokens: int = 0, ie_head: bool = False):
+    def __init__(self, cfg: ClipConfig, prompt_tokens: int = 0, ie_head: bool = False, prompts_active: bool = False):
         super().__init__()
         model, self.preprocess, self.tokenizer = _create_open_clip(cfg)
         self.model = model
@@ -84,9 +93,9 @@ class ClipEncoder(nn.Module):
         self.embed_dim = projection.shape[1] if projection is not None else self.width
         self.requires_grad_(False)
         # Visual prompt tokens (VPT-shallow): learnable tokens inserted after [CLS], tuned by loss_IE
-        # when CLIP has no adapters. Inactive (not inserted) until a stage trains or inherits them.
+        # when CLIP has no adapters. Inserted only when `prompts_active` (a stage trains or inherited them).
         self.prompts = nn.Parameter(torch.randn(prompt_tokens, self.width) * 0.02) if prompt_tokens else None
-        self.prompts_active = False
+        self.prompts_active = prompts_active and self.prompts is not None
         # Optional trainable head from the [CLS] to the text space for loss_IE (eim.ie_query=linear-head),
         # initialised as CLIP's own projection.
         self.ie_head = None
@@ -132,5 +141,9 @@ class ClipEncoder(nn.Module):
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP.text [EOS] features in the joint space: [B, embed_dim]."""
         device = next(self.model.parameters()).device
-        ids = self.tokenizer(texts).to(device)
+        return self.encode_text_ids(self.tokenizer(texts).to(device))
+
+    def encode_text_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """CLIP.text [EOS] features of already tokenised text (the tokenizer is pure Python: callers
+        tokenise ahead of the encoder)."""
         return self.model.encode_text(ids)

@@ -6,10 +6,17 @@ GGUF file inside that directory. Remote model code runs only when
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from eimctl.config import LMConfig
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
+
+
+@dataclass
+class LMConfig:
+    name: str = "gpt2"               # Hugging Face id or local directory
+    gguf_file: str = ""              # GGUF file name inside `name` (a directory), if the LM is GGUF
+    trust_remote_code: bool = False  # run model code shipped with the weights (off unless asked)
 
 
 def load_lm(cfg: LMConfig):
@@ -39,3 +46,12 @@ def load_lm(cfg: LMConfig):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def final_hidden(lm, **inputs):
+    """The LM backbone's output: the final block's hidden states after the final norm, [B, S, D].
+
+    Both sides of loss_LM read this: the frozen LM for the key queue (`input_ids`
+    with an `attention_mask`) and the tuned LM for the query (`inputs_embeds`).
+    Only the backbone runs, so no [B, S, vocab] LM head product is made unless asked."""
+    return lm.base_model(**inputs).last_hidden_state

@@ -6,11 +6,21 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from eimctl.config import ProjectorConfig
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
+
+
+@dataclass
+class ProjectorConfig:
+    type: str = "mlp"                # mlp | ffn | transformer
+    prefix_length: int = 10          # mlp / transformer: number of prefix tokens produced
+    hidden: int = 0                  # ffn hidden width (0 = 4 x LM width); mlp hidden (0 = LM width x prefix / 2)
+    layers: int = 8                  # transformer mapping network depth
+    heads: int = 8                   # transformer mapping network heads
 
 
 class MLPProjector(nn.Module):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from eimctl.atomic import write_text
-from eimctl.checkpoint import list_checkpoints, load_state, load_weights, save_checkpoint, WEIGHTS
-from eimctl.config import TrainConfig
-from eimctl.errors import EimError
-from eimctl.progress import StepProgress, log
+from eimctl.runtime import faults
+from eimctl.runtime.atomic import write_text
+from eimctl.runtime.errors import EimError
+from eimctl.runtime.progress import StepProgress, log
+from eimctl.runtime.weights import WEIGHTS, load_weights
+from eimctl.train.checkpoint import list_checkpoints, load_state, save_checkpoint
 
 
 @dataclass
@@ -112,14 +112,6 @@ def _weighted_sum(named: dict, weights: dict) -> torch.Tensor:
     return total
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EimError("train.device=cuda but no CUDA device is visible", hint="use train.device=auto or cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}  # dropout is the only randomness inside a step
     if torch.cuda.is_available():
@@ -148,7 +140,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
-        dataset_size: int, cfg: TrainConfig, out_dir: Path, config_fp: str, device: torch.device,
+        dataset_size: int, cfg, out_dir: Path, config_fp: str, device: torch.device,
         resume: str = "auto", show: bool = True, weights: dict | None = None) -> dict:
     """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints."""
     plan = Plan(dataset_size, cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -188,8 +180,6 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
                         generator=torch.Generator().manual_seed(cfg.seed))
     progress = StepProgress(f"train {stage}", plan.total_steps, start=step, log_every=cfg.log_every, enabled=show)
     started, samples_seen, last_losses = time.time(), 0, {}
-    crash_at = int(os.environ.get("EIMCTL_TEST_CRASH_AT_STEP", "0"))
-    step_delay = float(os.environ.get("EIMCTL_TEST_STEP_DELAY", "0"))
     with open(metrics_path, "a", encoding="utf-8") as metrics:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -218,11 +208,8 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
                     "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(), "interval": interval, "config_fingerprint": config_fp},
                     keep=cfg.keep_checkpoints)
-            if crash_at == step:  # fault injection for the resume tests: die like a killed job
-                metrics.flush()
-                os._exit(137)
-            if step_delay:  # test hook: slow steps down so a test can SIGKILL at a chosen point
-                time.sleep(step_delay)
+            faults.crash_after_step(step, flush=metrics.flush)
+            faults.pace()
     progress.close()
     return {"steps": step, "final_loss": last_losses.get("loss"), "samples_per_s": samples_seen / max(
         time.time() - started, 1e-9)}

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from eimctl.atomic import atomic_path
+from eimctl.runtime.atomic import atomic_path
 from eimctl.config import DataConfig, fingerprint, to_dict
 from eimctl.data.captions import CaptionSplit
 from eimctl.data.images import load_image
-from eimctl.progress import StepProgress
+from eimctl.runtime.progress import StepProgress
 
 
 class ImageDataset(Dataset):

@@ -7,22 +7,22 @@ A stage is data, not code (config key `stages`, e.g. in examples/*.yaml):
       lm:      {init: st,         trainable: [lm],                        losses: {lm: 1.0}}
       base-ie: {init: lm,         trainable: [projector, lm, clip_prompts], losses: {base: 1.0, ie: 1.0}}
 
-A config's `stages:` is the whole schedule (without one, the paper's, below);
+A config's `stages:` is the whole schedule (without one, the family's DEFAULT_STAGES);
 `init` is `pretrained` (the configured CLIP/LM, fresh projector) or another stage
 whose final weights this stage starts from; a stage updates only its `trainable`
-modules, so no gradient crosses a stage boundary. Optional `train:` overrides
+groups (named by the family, e.g. ClipCap's projector, lm, clip_prompts, ie_head),
+so no gradient crosses a stage boundary. Optional `train:` overrides
 (e.g. `{epochs: 2, lr: 1e-4}`) apply to that stage only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from eimctl.config import DEFAULT_STAGES
-from eimctl.errors import EimError
+from eimctl.eim.queue_kinds import KIND_OF_LOSS
+from eimctl.models.registry import get_family
+from eimctl.runtime.errors import EimError
 
-LOSSES = ("base", "st", "lm", "ie")
-MODULES = ("projector", "lm", "clip_prompts", "ie_head")
-QUEUE_OF_LOSS = {"st": "ke", "lm": "kb", "ie": "kt"}  # which key queue each contrastive loss reads
+LOSSES = ("base", *KIND_OF_LOSS)
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -34,12 +34,14 @@ class StageSpec:
 
     @property
     def queues(self) -> list[str]:
-        return [QUEUE_OF_LOSS[name] for name in self.losses if name in QUEUE_OF_LOSS]
+        return [KIND_OF_LOSS[name].name for name in self.losses if name in KIND_OF_LOSS]
 
 
-def resolve_schedule(stages: dict) -> dict[str, StageSpec]:
-    """The config's `stages` (default: DEFAULT_STAGES) as specs; every problem reported in one error."""
-    merged = stages if stages else DEFAULT_STAGES
+def resolve_schedule(config) -> dict[str, StageSpec]:
+    """The config's `stages` (default: the family's DEFAULT_STAGES) as specs; every problem in one error."""
+    family = get_family(config.model.family)
+    merged = config.stages if config.stages else family.DEFAULT_STAGES
+    modules, clip_side = tuple(family.TRAINABLE_GROUPS), family.CLIP_TUNING_GROUPS
     problems, specs = [], {}
     for name, spec in merged.items():
         where = f"stages.{name}"
@@ -60,11 +62,11 @@ def resolve_schedule(stages: dict) -> dict[str, StageSpec]:
             elif not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
                 problems.append(f"{where}.losses.{loss}: weight must be a number > 0, got {weight!r}")
         if not isinstance(trainable, list) or not trainable:
-            problems.append(f"{where}.trainable: list the modules to train ({', '.join(MODULES)})")
+            problems.append(f"{where}.trainable: list the modules to train ({', '.join(modules)})")
             trainable = []
         for module in trainable:
-            if module not in MODULES:
-                problems.append(f"{where}.trainable: unknown module '{module}' (known: {', '.join(MODULES)})")
+            if module not in modules:
+                problems.append(f"{where}.trainable: unknown module '{module}' (known: {', '.join(modules)})")
         if not isinstance(spec.get("train", {}), dict):
             problems.append(f"{where}.train: expected a mapping of train.* overrides")
         specs[name] = StageSpec(name, str(spec.get("init", "pretrained")), tuple(trainable),
@@ -73,8 +75,9 @@ def resolve_schedule(stages: dict) -> dict[str, StageSpec]:
     for name, spec in specs.items():
         if spec.init != "pretrained" and spec.init not in specs:
             problems.append(f"stages.{name}.init: '{spec.init}' is neither 'pretrained' nor a stage")
-        if "ie" in spec.losses and not {"clip_prompts", "ie_head"} & set(spec.trainable):
-            problems.append(f"stages.{name}: loss 'ie' needs a CLIP-side module in trainable (clip_prompts)")
+        if "ie" in spec.losses and not set(clip_side) & set(spec.trainable):
+            problems.append(f"stages.{name}: loss 'ie' needs a CLIP-side module in trainable "
+                            f"({', '.join(clip_side)})")
     for name in specs:  # init chains must end at `pretrained`
         seen, current = [], name
         while current in specs and current not in seen:
@@ -84,21 +87,28 @@ def resolve_schedule(stages: dict) -> dict[str, StageSpec]:
             problems.append(f"stages.{name}: init chain loops ({' -> '.join(seen + [current])})")
     if problems:
         raise EimError("invalid schedule: " + "; ".join(problems), where="config key `stages`",
-                       hint="see eimctl/schedule.py and examples/ for the format")
+                       hint="see eimctl/eim/schedule.py and examples/ for the format")
     return specs
 
 
-def stage_spec(stages: dict, name: str) -> StageSpec:
-    specs = resolve_schedule(stages)
+def stage_spec(config, name: str) -> StageSpec:
+    specs = resolve_schedule(config)
     if name not in specs:
         raise EimError(f"unknown stage '{name}'", where="eimctl train-stage",
                        hint=f"stages in this config: {', '.join(specs)}")
     return specs[name]
 
 
-def training_order(stages: dict) -> list[StageSpec]:
+def schedule_uses(config) -> tuple[set[str], set[str]]:
+    """(every trainable group, every loss) the config's schedule uses: the model is built with the
+    modules of all of them, so every stage of a run has the same architecture."""
+    specs = resolve_schedule(config).values()
+    return {g for s in specs for g in s.trainable}, {loss for s in specs for loss in s.losses}
+
+
+def training_order(config) -> list[StageSpec]:
     """Stages in an order that trains every stage after the one it starts from."""
-    specs, ordered = resolve_schedule(stages), []
+    specs, ordered = resolve_schedule(config), []
     def visit(name: str) -> None:
         spec = specs[name]
         if spec.init != "pretrained":

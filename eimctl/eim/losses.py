@@ -8,7 +8,7 @@ gradient, accumulates Σ_j p_ij K̂_j alongside it, so the backward pass is just
 dL/dq̂ = (Σ_j p_ij K̂_j − K̂_pos_i)/(τB). Peak memory is O(B·chunk + chunk·d)
 whatever N is, and each key is read once per step.
 
-    keys, _ = open_queue(stage_dir / "kt.parquet", expect_rows=len(train))  # eimctl.queue_store
+    keys, _ = open_queue(stage_dir / "kt.parquet", expect_rows=len(train))  # eimctl.eim.queue_store
     loss = queue_infonce(query, keys, batch["index"])   # keys: np.memmap or a (GPU) Tensor
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 DEFAULT_TEMPERATURE = 0.07
 # Keys per chunk when none is given (`make bench`). On a CPU, a chunk whose float32 copy stays in

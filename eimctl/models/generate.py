@@ -11,7 +11,7 @@ causal LM continues that prefix. Two decoders live here:
   re-running the whole sequence for every token. Kept as the baseline for
   `benchmarks/` and as the oracle the tests compare against.
 
-    from eimctl.generate import generate_captions
+    from eimctl.models.generate import generate_captions
     token_lists = generate_captions(lm, prefix_embeds, eos_token_id=tok.eos_token_id, beam_size=5)
 
 transformers 5.x renamed the forward argument `past_key_values` to `cache`

@@ -34,8 +34,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from eimctl.atomic import atomic_path, write_json
-from eimctl.errors import EimError
+from eimctl.runtime.atomic import atomic_path, write_json
+from eimctl.runtime.errors import EimError
 
 try:  # serialises sidecar rebuilds between ranks that open the same queue at once
     import fcntl

@@ -1,4 +1,4 @@
-"""The run-directory contract (DESIGN.md §3).
+"""The run-directory contract (docs/architecture.md, "Artifacts").
 
     runs/<run>/stages/<stage>/{config.yaml, metrics.jsonl, checkpoints/, final/, manifest.json}
     runs/<run>/eval/<stage>-<benchmark>/{predictions.json, metrics.json, manifest.json}
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import json
 
-from eimctl.atomic import write_json
-from eimctl.errors import EimError
+from eimctl.runtime.atomic import write_json
+from eimctl.runtime.device import writes_here
+from eimctl.runtime.errors import EimError
 
 MANIFEST = "manifest.json"
 VERSIONED_PACKAGES = ("eimctl", "torch", "transformers", "open_clip_torch", "safetensors", "pyarrow")
@@ -71,6 +72,7 @@ def list_outputs(step_dir: Path, names: list[str]) -> dict:
 
 def write_manifest(step_dir: Path, *, step: str, config: dict, fingerprints: dict,
                    outputs: list[str], started: float, extra: dict | None = None) -> dict:
+    """Write `manifest.json` last, naming every output with its size (only the writing process)."""
     manifest = {
         "status": "complete",
         "step": step,
@@ -82,18 +84,27 @@ def write_manifest(step_dir: Path, *, step: str, config: dict, fingerprints: dic
         "wall_seconds": round(time.time() - started, 3),
         **(extra or {}),
     }
-    write_json(Path(step_dir) / MANIFEST, manifest)
+    if writes_here():
+        write_json(Path(step_dir) / MANIFEST, manifest)
     return manifest
+
+
+def step_status(step_dir: Path) -> tuple[dict | None, str]:
+    """(manifest, "") for a complete, intact step, else (None, why not). An unreadable manifest raises."""
+    manifest = read_manifest(step_dir)
+    if manifest is None:
+        return None, "no manifest.json (not finished)"
+    if manifest.get("status") != "complete":
+        return None, f"status is {manifest.get('status')!r}, not 'complete'"
+    broken = outputs_intact(step_dir, manifest)
+    if broken:
+        return None, f"{', '.join(broken)} missing or partial"
+    return manifest, ""
 
 
 def complete_manifest(step_dir: Path) -> dict | None:
     """The manifest of a complete, intact step, or None."""
-    manifest = read_manifest(step_dir)
-    if not manifest or manifest.get("status") != "complete":
-        return None
-    if outputs_intact(step_dir, manifest):
-        return None
-    return manifest
+    return step_status(step_dir)[0]
 
 
 def require_upstream(step_dir: Path, label: str, how_to_make: str,
@@ -120,19 +131,22 @@ def require_upstream(step_dir: Path, label: str, how_to_make: str,
     return manifest
 
 
-def check_not_foreign(step_dir: Path, label: str, config_fp: str, force: bool) -> str:
-    """Decide what to do with an existing step folder: 'run', 'skip' or 'resume'.
+def skip_or_run(step_dir: Path, label: str, fingerprints: dict, *, force: bool,
+                on_mismatch: str = "redo") -> str:
+    """What to do with a step's folder before running it: 'skip' or 'run'.
 
-    A complete step with the same config is skipped; one from another config is
-    refused (unless --force), so a run directory is never silently mixed.
+    A complete, intact step with the same fingerprints is skipped (unless --force).
+    One made from other fingerprints is redone (`on_mismatch="redo"`, for outputs
+    that are derived and cheap to replace) or refused (`on_mismatch="refuse"`, so a
+    run directory never mixes stages of two configs). Anything else runs.
     """
-    manifest = read_manifest(step_dir)
+    manifest = complete_manifest(step_dir)
     if force or manifest is None:
         return "run"
-    same = manifest.get("fingerprints", {}).get("config") == config_fp
-    if manifest.get("status") == "complete" and not outputs_intact(step_dir, manifest):
-        if same:
-            return "skip"
+    found = {key: manifest.get("fingerprints", {}).get(key) for key in fingerprints}
+    if found == fingerprints:
+        return "skip"
+    if on_mismatch == "refuse":
         raise EimError(f"{label} in this run directory was built from another config", where=str(step_dir),
                        hint="use a new --run-dir, or --force to overwrite it")
     return "run"

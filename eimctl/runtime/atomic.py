@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from eimctl.errors import disk_full
+from eimctl.runtime.errors import disk_full
 
 
 _UMASK = os.umask(0)

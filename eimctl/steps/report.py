@@ -2,7 +2,7 @@
 
     eimctl report runs/base runs/eim --out runs/eim/report
 
-Reads only what the steps wrote (DESIGN.md §3):
+Reads only what the steps wrote:
 
     runs/<run>/stages/<stage>/{manifest.json, metrics.jsonl}
     runs/<run>/eval/<stage>-<benchmark>/{manifest.json, metrics.json}
@@ -24,12 +24,13 @@ from matplotlib.figure import Figure
 from rich import box
 from rich.table import Table
 
-from eimctl.atomic import atomic_path, write_text
-from eimctl.errors import EimError
-from eimctl.rundir import outputs_intact, read_manifest
+from eimctl.runtime.atomic import atomic_path, write_text
+from eimctl.runtime.errors import EimError
+from eimctl.runtime.jsonl import read_jsonl
+from eimctl.runtime.rundir import step_status
 
-# Pipeline order from DESIGN.md §1; other stage names follow alphabetically.
-STAGE_ORDER = ("base", "st", "st-base", "lm", "lm-base", "adapter", "base-ie")
+# The schedules' training order; other stage names follow alphabetically.
+STAGE_ORDER = ("base", "st", "st-base", "lm", "lm-base", "base-ie")
 # pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
 CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                    "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
@@ -61,41 +62,14 @@ def _stage_sort_key(name: str) -> tuple[int, str]:
     return (STAGE_ORDER.index(name), "") if name in STAGE_ORDER else (len(STAGE_ORDER), name)
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """Records of a metrics.jsonl and how many lines could not be read (e.g. a line cut by a crash)."""
-    records, bad = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
-
-
 def _complete_manifest(step_dir: Path, label: str, notes: list[str]) -> dict | None:
     """The step's manifest if the step is complete and intact, else None plus a note saying why."""
     try:
-        manifest = read_manifest(step_dir)
+        manifest, why_not = step_status(step_dir)
     except EimError as error:
-        notes.append(f"{label} skipped: {error.what}")
-        return None
+        manifest, why_not = None, error.what
     if manifest is None:
-        notes.append(f"{label} skipped: no manifest.json (not finished)")
-        return None
-    if manifest.get("status") != "complete":
-        notes.append(f"{label} skipped: status is {manifest.get('status')!r}, not 'complete'")
-        return None
-    broken = outputs_intact(step_dir, manifest)
-    if broken:
-        notes.append(f"{label} skipped: {', '.join(broken)} missing or partial")
-        return None
+        notes.append(f"{label} skipped: {why_not}")
     return manifest
 
 
@@ -129,7 +103,7 @@ def _collect(run_dirs: list[Path]) -> _Collected:
             row.train_seconds = float(wall) if _is_number(wall) else None
             metrics_file = folder / "metrics.jsonl"
             if metrics_file.is_file():
-                records, bad = _read_jsonl(metrics_file)
+                records, bad = read_jsonl(metrics_file, tolerant=True)
                 if bad:
                     notes.append(f"{run}: stage {folder.name}: {bad} unreadable line(s) in metrics.jsonl ignored")
                 losses = [r["loss"] for r in records if _is_number(r.get("loss"))]

@@ -1,0 +1,1 @@
+"""The method: schedule (stages), objectives, InfoNCE losses, queue kinds and the key-queue store."""

@@ -1,1 +1,0 @@
-"""Training stages, one per file. Each is started by `eimctl train-stage <name>`."""

@@ -1,0 +1,68 @@
+"""`eimctl evaluate TASK`: score a trained stage on a task's benchmark.
+
+    eimctl evaluate coco --run-dir runs/demo --stage base
+
+The stage's model is rebuilt from its manifest's config and final weights; the
+task (eimctl/tasks/) generates its predictions and scores them. Results go to
+`<run>/eval/<stage>-<task>/` (predictions, metrics.json, manifest.json last).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from eimctl.config import Config, fingerprint, load_config
+from eimctl.eim.schedule import schedule_uses
+from eimctl.models.factory import build_model
+from eimctl.runtime.atomic import write_json
+from eimctl.runtime.device import resolve_device
+from eimctl.runtime.errors import EimError
+from eimctl.runtime.progress import log
+from eimctl.runtime.rundir import eval_dir, require_upstream, skip_or_run, stage_dir, write_manifest
+from eimctl.runtime.weights import WEIGHTS
+from eimctl.tasks import get_task
+
+
+def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None):
+    """(config, model in eval mode, the stage's manifest) of a complete stage."""
+    folder = stage_dir(run_dir, stage)
+    for item in overrides or []:
+        if not item.startswith(("eval.", "train.device=")):
+            raise EimError(f"evaluate accepts eval.* and train.device overrides only, not '{item}'",
+                           hint="model and data come from the trained stage's manifest")
+    manifest = require_upstream(folder, f"stage '{stage}'", f"eimctl train-stage {stage} --run-dir {run_dir}")
+    config: Config = load_config(base=manifest["config"], overrides=overrides)
+    groups, losses = schedule_uses(config)
+    model, _ = build_model(config, groups=groups, losses=losses, weights=folder / "final" / WEIGHTS)
+    model.eval()
+    return config, model, manifest
+
+
+def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] | None = None,
+             options: dict | None = None, force: bool = False, show: bool = True) -> Path:
+    """Generate and score; returns the evaluation folder (skipped when complete with the same inputs)."""
+    started = time.time()
+    task, options = get_task(task_name), options or {}
+    config, model, upstream = load_trained(run_dir, stage, overrides)
+    out = eval_dir(run_dir, stage, task.name)
+    fingerprints = {"upstream": fingerprint(upstream["fingerprints"]), "eval": fingerprint(vars(config.eval)),
+                    **{key: str(value or "") for key, value in options.items()}}
+    if skip_or_run(out, f"evaluation of '{stage}'", fingerprints, force=force) == "skip":
+        log(f"evaluation already complete in {out} — skipping; --force reruns it", show)
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    device = resolve_device(config.train.device)
+    model.to(device)
+    split = task.read(config.data, config.eval.split)
+    predictions = task.predict(model, config, split, device, Path(run_dir) / "cache", show)
+    result = {**task.score(predictions, split, config, options), "stage": stage}
+    out.mkdir(parents=True, exist_ok=True)
+    task.write(out, predictions)
+    result["wall_seconds"] = round(time.time() - started, 3)
+    write_json(out / "metrics.json", result)
+    write_manifest(out, step="evaluate", config={"eval": vars(config.eval)}, fingerprints=fingerprints,
+                   started=started, outputs=[*task.outputs, "metrics.json"],
+                   extra={"stage": stage, "benchmark": task.name})
+    return out

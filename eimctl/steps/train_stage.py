@@ -1,0 +1,125 @@
+"""`eimctl train-stage STAGE`: train one stage of the schedule into RUN_DIR/stages/STAGE.
+
+    eimctl train-stage st --run-dir runs/demo/eim --config examples/demo-eim.yaml
+
+A stage (eimctl/eim/schedule.py) starts from its `init` (the pretrained models, or
+another stage's final weights, which must be complete and from the same config),
+trains only its own groups with its own losses, and saves every tensor trained so
+far in `final/trainable.safetensors`. The recipe reads top to bottom: setup (data,
+model, queues, batches) -> fit (eimctl/train/loop.py) -> save (weights, manifest).
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from eimctl.config import Config, config_fingerprint, dump_yaml, fingerprint, to_dict, with_overrides
+from eimctl.eim.objectives import compute_losses
+from eimctl.eim.queues import check_queue_widths, place_queues, queue_folder, require_queues
+from eimctl.eim.schedule import schedule_uses, stage_spec
+from eimctl.data.tokens import tokenize_for_training
+from eimctl.models.factory import build_model, set_trainable
+from eimctl.runtime.atomic import write_text
+from eimctl.runtime.device import resolve_device
+from eimctl.runtime.progress import log
+from eimctl.runtime.rundir import require_upstream, skip_or_run, stage_dir, write_manifest
+from eimctl.runtime.weights import WEIGHTS, save_weights
+from eimctl.tasks import get_task
+from eimctl.train.batches import image_inputs, make_collate
+from eimctl.train.loop import fit
+
+
+class StageRecipe:
+    """One stage: setup -> fit -> save. `config` is the run's (shared by its stages and fingerprinted);
+    `train` is its train section with the stage's own `train:` overrides applied."""
+
+    def __init__(self, config: Config, run_dir: Path, stage: str, *, show: bool = True):
+        self.config, self.run_dir, self.show = config, Path(run_dir), show
+        self.spec = stage_spec(config, stage)
+        self.train = with_overrides(config, {"train": self.spec.train}, f"stages.{stage}.train").train
+        self.config_fp = config_fingerprint(config)
+        self.out = stage_dir(run_dir, stage)
+        self.started = time.time()
+
+    def init_weights(self) -> Path | None:
+        """The final weights of the stage this one starts from (checked complete and same-config)."""
+        if self.spec.init == "pretrained":
+            return None
+        init_dir = stage_dir(self.run_dir, self.spec.init)
+        require_upstream(init_dir, f"stage '{self.spec.init}' (which '{self.spec.name}' starts from)",
+                         f"eimctl train-stage {self.spec.init} --run-dir {self.run_dir} <same config>",
+                         {"config": self.config_fp})
+        return init_dir / "final" / WEIGHTS
+
+    def setup(self) -> None:
+        config, spec = self.config, self.spec
+        init_weights = self.init_weights()
+        task = get_task(config.data.task)
+        self.data = task.read(config.data, "train")
+        queues = require_queues(config, self.data, spec.queues) if spec.queues else {}
+        self.device = resolve_device(self.train.device)
+        torch.manual_seed(self.train.seed)
+        groups, losses = schedule_uses(config)
+        self.model, self.inherited = build_model(config, groups=groups, losses=losses,
+                                                 trained_now=set(spec.trainable), weights=init_weights)
+        set_trainable(self.model, config.model.family, spec.trainable)
+        check_queue_widths(self.model, queues, queue_folder(config, self.data))
+        self.queues = place_queues(queues, config.eim.queue_placement, self.device, config.eim.device_queue_dtype,
+                                   self.show)
+        if self.train.compile:
+            self.model.compile_for_training()
+        tokens = tokenize_for_training(self.model.tokenizer, [task.format(s) for s in self.data.samples],
+                                       config.data, f"{config.data.path} (train)", self.show)
+        images_for = image_inputs(self.model, dataclasses.replace(config, train=self.train), self.data,
+                                  self.run_dir / "cache", self.device, self.show)
+        self.collate = make_collate(tokens, self.model.tokenizer.pad_token_id, images_for)
+
+    def fit(self, resume: str) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_text(self.out / "config.yaml", dump_yaml(dataclasses.replace(self.config, train=self.train)))
+        model, spec, eim = self.model, self.spec, self.config.eim
+
+        def losses(batch: dict) -> dict:
+            return compute_losses(model, batch, spec.losses, self.queues, eim)
+
+        return fit(stage=spec.name, model=model, losses=losses, collate=self.collate,
+                   dataset_size=len(self.data.samples), cfg=self.train, out_dir=self.out,
+                   config_fp=self.config_fp, device=self.device, resume=resume, show=self.show,
+                   weights={f"loss_{k}": v for k, v in spec.losses.items()})
+
+    def save(self, summary: dict) -> Path:
+        config, spec, out = self.config, self.spec, self.out
+        trained = {n for n, p in self.model.named_parameters() if p.requires_grad} | self.inherited
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n in trained}
+        (out / "final").mkdir(exist_ok=True)
+        save_weights(out / "final" / WEIGHTS, tensors, {"stage": spec.name, "config": self.config_fp})
+        write_manifest(out, step="train-stage", config=to_dict(config), started=self.started,
+                       fingerprints={"config": self.config_fp, "model": fingerprint(to_dict(config.model)),
+                                     "data": self.data.fingerprint},
+                       outputs=["config.yaml", "metrics.jsonl", f"final/{WEIGHTS}"],
+                       extra={"stage": spec.name, "init": spec.init, "trainable": list(spec.trainable),
+                              "losses": spec.losses, "summary": summary, "device": str(self.device)})
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # final/ holds the result now
+        log(f"stage '{spec.name}' complete: {summary['steps']} steps, final loss {summary['final_loss']:.4f} "
+            f"-> {out}", self.show)
+        return out
+
+
+def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = False, resume: str = "auto",
+                show: bool = True) -> Path:
+    """Train `stage` unless it is already complete with this config; returns its folder."""
+    recipe = StageRecipe(config, run_dir, stage, show=show)
+    if skip_or_run(recipe.out, f"stage '{stage}'", {"config": recipe.config_fp}, force=force,
+                   on_mismatch="refuse") == "skip":
+        log(f"stage '{stage}' is already complete in {recipe.out} (same config) — skipping; --force retrains it",
+            show)
+        return recipe.out
+    recipe.setup()
+    if force and recipe.out.exists():
+        shutil.rmtree(recipe.out)
+    summary = recipe.fit(resume)
+    return recipe.save(summary)
