@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -142,18 +141,9 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run dire
                                                       "a name (one recipe over several seeds)."),
            quiet: bool = QUIET):
     """Tabulate metrics per run and stage (terminal + report.md) and plot training loss curves."""
-    from rich.console import Console
-    from eimctl.steps.report import aggregate_markdown, aggregate_rows, collect_rows, render_table, write_report
+    from eimctl.steps.report import report as run_report
 
-    target = out or (run_dirs[0] / "report")
-    path = write_report(run_dirs, target, aggregate=aggregate)
-    if not quiet:
-        console = Console() if sys.stdout.isatty() else Console(width=160)
-        rows = collect_rows(run_dirs)
-        console.print(render_table(rows))
-        if aggregate:
-            print(aggregate_markdown(aggregate_rows(rows)))
-        print(f"report written to {path}")
+    run_report(run_dirs, out or (run_dirs[0] / "report"), aggregate=aggregate, show=not quiet)
 
 
 @app.command("demo-data")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from eimctl.data.demo import COLOURS, SHAPES, generate_demo_data
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 SMALL = {"n_train_images": 12, "n_val_images": 4, "n_test_images": 6}
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from eimctl.data.demo import generate_demo_data
 from eimctl.demo.pretrain import CLIP_MEAN, CLIP_STD, pretrain_demo_clip, pretrain_demo_lm
-from eimctl.errors import EimError
+from eimctl.runtime.errors import EimError
 
 TINY_CLIP = {
     "embed_dim": 32,

@@ -111,53 +111,62 @@ def write_queue(path: Path, keys: np.ndarray | Iterable[np.ndarray], sample_ids:
     schema = queue_schema(dim, dtype, metadata)
     # Sized as if float32, so a row group stays under ROW_GROUP_BYTES for either dtype.
     group_rows = row_group_rows or max(1, min(MAX_ROW_GROUP_ROWS, ROW_GROUP_BYTES // (dim * 4)))
-    numpy_dtype = np.dtype(dtype)
 
     with atomic_path(path) as tmp:
         # Statistics and dictionaries are useless for float vectors and unique ids.
         # Page checksums let the sidecar build notice bit rot inside the float pages.
         with pq.ParquetWriter(tmp, schema, use_dictionary=False, write_statistics=["index"],
                               write_page_checksum=True) as writer:
-            written = 0
-            pending: list[np.ndarray] = []  # rows received but not yet written, in order
-            pending_rows = 0
-
-            def write_row_group(take: int) -> None:
-                nonlocal written, pending_rows
-                pieces, needed = [], take
-                while needed:  # copy only the rows of this group, never the whole input
-                    head = pending[0]
-                    pieces.append(head[:needed])
-                    if len(head) <= needed:
-                        pending.pop(0)
-                    else:
-                        pending[0] = head[needed:]
-                    needed -= len(pieces[-1])
-                block = np.ascontiguousarray(np.concatenate(pieces) if len(pieces) > 1 else pieces[0],
-                                             dtype=numpy_dtype)
-                key_array = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), dim)
-                batch = pa.record_batch([pa.array(np.arange(written, written + take, dtype=np.int64)),
-                                         pa.array(sample_ids[written:written + take], pa.string()),
-                                         key_array], schema=schema)
-                writer.write_batch(batch, row_group_size=take)
-                written += take
-                pending_rows -= take
-
+            groups = _RowGroups(writer, schema, sample_ids, dim, np.dtype(dtype))
             chunk = first
             while chunk is not None:
-                if written + pending_rows + len(chunk) > rows:
+                if groups.written + groups.pending_rows + len(chunk) > rows:
                     raise EimError(f"more key rows than sample ids ({rows})", str(path),
                                    "pass one key row per training sample")
-                pending.append(chunk)
-                pending_rows += len(chunk)
-                while pending_rows >= group_rows:
-                    write_row_group(group_rows)
+                groups.add(chunk, group_rows)
                 chunk = _check_chunk(next(chunks, None), dim, normalised, path)
-            if pending_rows:
-                write_row_group(pending_rows)
-            if written != rows:
-                raise EimError(f"{written} key rows for {rows} sample ids", str(path),
+            groups.flush()
+            if groups.written != rows:
+                raise EimError(f"{groups.written} key rows for {rows} sample ids", str(path),
                                "pass one key row per training sample")
+
+
+class _RowGroups:
+    """Regroups incoming key chunks into Parquet row groups, copying only the rows of each group."""
+
+    def __init__(self, writer, schema, sample_ids: list[str], dim: int, numpy_dtype):
+        self.writer, self.schema, self.sample_ids, self.dim, self.dtype = writer, schema, sample_ids, dim, numpy_dtype
+        self.written, self.pending, self.pending_rows = 0, [], 0  # pending: rows received, not yet written
+
+    def add(self, chunk: np.ndarray, group_rows: int) -> None:
+        self.pending.append(chunk)
+        self.pending_rows += len(chunk)
+        while self.pending_rows >= group_rows:
+            self.write(group_rows)
+
+    def flush(self) -> None:
+        if self.pending_rows:
+            self.write(self.pending_rows)
+
+    def write(self, take: int) -> None:
+        pieces, needed = [], take
+        while needed:  # copy only the rows of this group, never the whole input
+            head = self.pending[0]
+            pieces.append(head[:needed])
+            if len(head) <= needed:
+                self.pending.pop(0)
+            else:
+                self.pending[0] = head[needed:]
+            needed -= len(pieces[-1])
+        block = np.ascontiguousarray(np.concatenate(pieces) if len(pieces) > 1 else pieces[0], dtype=self.dtype)
+        key_array = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), self.dim)
+        start = self.written
+        batch = pa.record_batch([pa.array(np.arange(start, start + take, dtype=np.int64)),
+                                 pa.array(self.sample_ids[start:start + take], pa.string()), key_array],
+                                schema=self.schema)
+        self.writer.write_batch(batch, row_group_size=take)
+        self.written += take
+        self.pending_rows -= take
 
 
 def _check_chunk(chunk, dim: int | None, normalised: bool, path: Path) -> np.ndarray | None:

@@ -185,18 +185,8 @@ def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
 
         next_rows, next_tokens, next_sums, keep_slots = [], [], [], []
         for slot, sample in enumerate(active):
-            chosen: list[tuple[int, int, float]] = []
-            for rank, (beam, token, total) in enumerate(
-                    zip(top_beam_list[slot], top_token_list[slot], top_sums_list[slot])):
-                row = slot * beam_size + beam
-                if token == eos_token_id:
-                    # Only eos candidates that would have made the beam count (rank < beam_size).
-                    if rank < beam_size:
-                        finished[sample].add(histories[row], total, step + 1)
-                else:
-                    chosen.append((row, token, total))
-                if len(chosen) == beam_size:
-                    break
+            chosen = _continuing_candidates(slot, beam_size, eos_token_id, histories, finished[sample], step,
+                                            zip(top_beam_list[slot], top_token_list[slot], top_sums_list[slot]))
             if finished[sample].is_done(chosen[0][2], step + 1) or step == max_new_tokens - 1:
                 if step == max_new_tokens - 1:
                     # Out of budget: running beams compete as they are (no eos).
@@ -221,6 +211,23 @@ def _beam_search(lm, prefix: Tensor, eos_token_id: int, max_new_tokens: int,
         logits, cache = step_forward(tokens[:, None], cache)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
     return [hypotheses.best() for hypotheses in finished]
+
+
+def _continuing_candidates(slot: int, beam_size: int, eos_token_id: int, histories: list, finished: "_Hypotheses",
+                           step: int, ranked) -> list[tuple[int, int, float]]:
+    """The first `beam_size` non-eos candidates (row, token, sum) of one sample, best first; eos
+    candidates that would have made the beam count (rank < beam_size) become finished hypotheses."""
+    chosen: list[tuple[int, int, float]] = []
+    for rank, (beam, token, total) in enumerate(ranked):
+        row = slot * beam_size + beam
+        if token == eos_token_id:
+            if rank < beam_size:
+                finished.add(histories[row], total, step + 1)
+        else:
+            chosen.append((row, token, total))
+        if len(chosen) == beam_size:
+            break
+    return chosen
 
 
 def generate_captions_naive(lm, prefix_embeds: Tensor, *, eos_token_id: int,

@@ -17,11 +17,13 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.figure import Figure
 from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from eimctl.runtime.atomic import atomic_path, write_text
@@ -77,6 +79,62 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _stage_rows(run: str, run_dir: Path, notes: list[str], curves: dict) -> dict[str, ReportRow]:
+    """One row per complete stage of a run, with its training time and last logged loss."""
+    stage_rows: dict[str, ReportRow] = {}
+    stage_dirs = sorted((p for p in (run_dir / "stages").iterdir() if p.is_dir()),
+                        key=lambda p: _stage_sort_key(p.name))
+    for folder in stage_dirs:
+        manifest = _complete_manifest(folder, f"{run}: stage {folder.name}", notes)
+        if manifest is None:
+            continue
+        row = ReportRow(run=run, stage=folder.name, group=run_dir.name)
+        wall = manifest.get("wall_seconds")
+        row.train_seconds = float(wall) if _is_number(wall) else None
+        metrics_file = folder / "metrics.jsonl"
+        if metrics_file.is_file():
+            records, bad = read_jsonl(metrics_file, tolerant=True)
+            if bad:
+                notes.append(f"{run}: stage {folder.name}: {bad} unreadable line(s) in metrics.jsonl ignored")
+            losses = [r["loss"] for r in records if _is_number(r.get("loss"))]
+            row.final_loss = float(losses[-1]) if losses else None
+            curves[(run, folder.name)] = records
+        stage_rows[folder.name] = row
+    return stage_rows
+
+
+def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes: list[str]) -> list[ReportRow]:
+    """One row per complete evaluation of a run (plus its fixed-caption floor, when it has one)."""
+    eval_rows: list[ReportRow] = []
+    eval_root = run_dir / "eval"
+    for folder in sorted(p for p in eval_root.iterdir() if p.is_dir()) if eval_root.is_dir() else []:
+        label = f"{run}: evaluation {folder.name}"
+        if _complete_manifest(folder, label, notes) is None:
+            continue
+        try:
+            result = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            notes.append(f"{label} skipped: metrics.json unreadable ({type(error).__name__})")
+            continue
+        stage, benchmark = str(result.get("stage", folder.name)), str(result.get("benchmark", "?"))
+        trained = stage_rows.get(stage, ReportRow(run=run, stage=stage))
+        eval_rows.append(ReportRow(
+            run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
+            metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
+            final_loss=trained.final_loss, group=run_dir.name))
+        for metric, reason in sorted(result.get("unavailable", {}).items()):
+            notes.append(f"{label}: {metric} not computed — {reason}")
+        baseline = result.get("fixed_caption_baseline") or {}
+        if baseline:
+            eval_rows.append(ReportRow(
+                run=run, stage=stage, benchmark=f"{benchmark} (fixed caption)", group=run_dir.name,
+                split=str(result.get("split", "")), is_baseline=True,
+                metrics={metric: entry.get("score") for metric, entry in baseline.items()}))
+            for metric, entry in sorted(baseline.items()):
+                notes.append(f"{label}: best single caption for {metric}: \"{entry.get('caption')}\"")
+    return eval_rows
+
+
 def _collect(run_dirs: list[Path]) -> _Collected:
     rows: list[ReportRow] = []
     notes: list[str] = []
@@ -90,57 +148,8 @@ def _collect(run_dirs: list[Path]) -> _Collected:
         if run in names_seen:  # two runs/<same name> from different parents
             run = f"{run_dir.parent.name}/{run_dir.name}"
         names_seen.add(run)
-
-        stage_rows: dict[str, ReportRow] = {}
-        stage_dirs = sorted((p for p in (run_dir / "stages").iterdir() if p.is_dir()),
-                            key=lambda p: _stage_sort_key(p.name))
-        for folder in stage_dirs:
-            manifest = _complete_manifest(folder, f"{run}: stage {folder.name}", notes)
-            if manifest is None:
-                continue
-            row = ReportRow(run=run, stage=folder.name, group=run_dir.name)
-            wall = manifest.get("wall_seconds")
-            row.train_seconds = float(wall) if _is_number(wall) else None
-            metrics_file = folder / "metrics.jsonl"
-            if metrics_file.is_file():
-                records, bad = read_jsonl(metrics_file, tolerant=True)
-                if bad:
-                    notes.append(f"{run}: stage {folder.name}: {bad} unreadable line(s) in metrics.jsonl ignored")
-                losses = [r["loss"] for r in records if _is_number(r.get("loss"))]
-                row.final_loss = float(losses[-1]) if losses else None
-                curves[(run, folder.name)] = records
-            stage_rows[folder.name] = row
-
-        eval_rows: list[ReportRow] = []
-        eval_root = run_dir / "eval"
-        eval_dirs = sorted(p for p in eval_root.iterdir() if p.is_dir()) if eval_root.is_dir() else []
-        for folder in eval_dirs:
-            label = f"{run}: evaluation {folder.name}"
-            if _complete_manifest(folder, label, notes) is None:
-                continue
-            try:
-                result = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as error:
-                notes.append(f"{label} skipped: metrics.json unreadable ({type(error).__name__})")
-                continue
-            stage = str(result.get("stage", folder.name))
-            benchmark = str(result.get("benchmark", "?"))
-            trained = stage_rows.get(stage, ReportRow(run=run, stage=stage))
-            eval_rows.append(ReportRow(
-                run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
-                metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
-                final_loss=trained.final_loss, group=run_dir.name))
-            for metric, reason in sorted(result.get("unavailable", {}).items()):
-                notes.append(f"{label}: {metric} not computed — {reason}")
-            baseline = result.get("fixed_caption_baseline") or {}
-            if baseline:
-                eval_rows.append(ReportRow(
-                    run=run, stage=stage, benchmark=f"{benchmark} (fixed caption)", group=run_dir.name,
-                    split=str(result.get("split", "")), is_baseline=True,
-                    metrics={metric: entry.get("score") for metric, entry in baseline.items()}))
-                for metric, entry in sorted(baseline.items()):
-                    notes.append(f"{label}: best single caption for {metric}: \"{entry.get('caption')}\"")
-
+        stage_rows = _stage_rows(run, run_dir, notes, curves)
+        eval_rows = _eval_rows(run, run_dir, stage_rows, notes)
         scored_stages = {row.stage for row in eval_rows}
         # Trained-but-unscored stages still get a row, so training cost and loss stay visible.
         run_rows = [row for name, row in stage_rows.items() if name not in scored_stages] + eval_rows
@@ -328,3 +337,16 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False) -
     report_path = out_dir / "report.md"
     write_text(report_path, "\n".join(lines))
     return report_path
+
+
+def report(run_dirs: list[Path], out_dir: Path, *, aggregate: bool = False, show: bool = True) -> Path:
+    """`eimctl report`: write the report, and show its table in the terminal."""
+    path = write_report(run_dirs, out_dir, aggregate=aggregate)
+    if show:
+        console = Console() if sys.stdout.isatty() else Console(width=160)
+        rows = collect_rows(run_dirs)
+        console.print(render_table(rows))
+        if aggregate:
+            print(aggregate_markdown(aggregate_rows(rows)))
+        print(f"report written to {path}")
+    return path

@@ -139,6 +139,48 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     write_text(path, "".join(line + "\n" for line in kept))
 
 
+def _resume(stage: str, checkpoints: Path, metrics_path: Path, model: nn.Module, optimizer, scheduler,
+            config_fp: str, resume: str, show: bool) -> tuple[int, dict]:
+    """(step, running log interval) to continue from: the last checkpoint's, or a fresh start."""
+    found = list_checkpoints(checkpoints)
+    if found and resume == "never":
+        raise EimError(f"stage '{stage}' has checkpoints from an interrupted run", where=str(checkpoints),
+                       hint="pass --resume auto to continue it, or --force to start over")
+    if not found:
+        metrics_path.unlink(missing_ok=True)
+        return 0, {"sum": {}, "count": 0}
+    state = load_state(found[-1])
+    if state.get("config_fingerprint") != config_fp:
+        raise EimError(f"checkpoints of stage '{stage}' come from another config", where=str(found[-1]),
+                       hint="resume with the config they were made with, or --force to start over")
+    load_weights(model, found[-1] / WEIGHTS)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _restore_rng(state["rng"])
+    _truncate_metrics(metrics_path, state["step"])
+    log(f"resuming stage '{stage}' from step {state['step']} ({found[-1].name})", show)
+    return state["step"], state["interval"]
+
+
+def _accumulate(interval: dict, losses: dict, step: int, plan: Plan, scheduler, metrics, started: float,
+                samples_seen: int, log_every: int) -> dict:
+    """Add a step's losses to the log interval; at the interval's end write its means to metrics.jsonl
+    and start a new one."""
+    for key, value in losses.items():
+        interval["sum"][key] = interval["sum"].get(key, 0.0) + value
+    interval["count"] += 1
+    if step % log_every and step != plan.total_steps:
+        return interval
+    elapsed = time.time() - started
+    record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
+              **{k: v / interval["count"] for k, v in interval["sum"].items()},
+              "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 3),
+              "samples_per_s": round(samples_seen / max(elapsed, 1e-9), 2)}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
+    return {"sum": {}, "count": 0}
+
+
 def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
         dataset_size: int, cfg, out_dir: Path, config_fp: str, device: torch.device,
         resume: str = "auto", show: bool = True, weights: dict | None = None) -> dict:
@@ -151,25 +193,7 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, plan.total_steps))
     checkpoints = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
-    step, interval = 0, {"sum": {}, "count": 0}
-    found = list_checkpoints(checkpoints)
-    if found and resume == "never":
-        raise EimError(f"stage '{stage}' has checkpoints from an interrupted run", where=str(checkpoints),
-                       hint="pass --resume auto to continue it, or --force to start over")
-    if found:
-        state = load_state(found[-1])
-        if state.get("config_fingerprint") != config_fp:
-            raise EimError(f"checkpoints of stage '{stage}' come from another config", where=str(found[-1]),
-                           hint="resume with the config they were made with, or --force to start over")
-        load_weights(model, found[-1] / WEIGHTS)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _restore_rng(state["rng"])
-        step, interval = state["step"], state["interval"]
-        _truncate_metrics(metrics_path, step)
-        log(f"resuming stage '{stage}' from step {step} ({found[-1].name})", show)
-    elif metrics_path.exists():
-        metrics_path.unlink()
+    step, interval = _resume(stage, checkpoints, metrics_path, model, optimizer, scheduler, config_fp, resume, show)
 
     model.to(device)
     model.train()
@@ -189,18 +213,8 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
                                      step + 1, out_dir)
             step += 1
             samples_seen += len(batch["indices"])
-            for key, value in last_losses.items():
-                interval["sum"][key] = interval["sum"].get(key, 0.0) + value
-            interval["count"] += 1
-            if step % cfg.log_every == 0 or step == plan.total_steps:
-                elapsed = time.time() - started
-                record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 4),
-                          **{k: v / interval["count"] for k, v in interval["sum"].items()},
-                          "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 3),
-                          "samples_per_s": round(samples_seen / max(elapsed, 1e-9), 2)}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                interval = {"sum": {}, "count": 0}
+            interval = _accumulate(interval, last_losses, step, plan, scheduler, metrics, started, samples_seen,
+                                   cfg.log_every)
             progress.update(step, f"loss {last_losses['loss']:.4f}")
             if step % cfg.checkpoint_every == 0 and step < plan.total_steps:
                 metrics.flush()
