@@ -16,12 +16,12 @@ SEEDS ?= 1 2 3
 SEEDS_RUN ?= runs/demo-seeds
 EIMCTL := $(VENV)/bin/eimctl
 
-.PHONY: install test demo demo-run demo-progression demo-seeds bench clean-demo help
+.PHONY: install test demo demo-progression demo-seeds bench clean-demo help
 
 help:
 	@echo "make demo   install, then run the embedded demo (data -> pretrain -> train -> evaluate -> report)"
 	@echo "make test   install, then run the test suite"
-	@echo "make demo-seeds  the demo's two recipes over SEEDS (default 1 2 3), mean and spread"
+	@echo "make demo-seeds  the demo's whole progression over SEEDS (default 1 2 3): mean, spread, paired differences"
 	@echo "make bench  install, then run the benchmarks"
 
 $(STAMP): pyproject.toml
@@ -43,39 +43,35 @@ test: install
 bench: install
 	$(PY) benchmarks/run.py
 
-# The embedded demo: ClipCap baseline vs. segmented EIM on the same generated data.
+# The embedded demo (README "The embedded demo"): the ClipCap baseline, EIM's Table 4 progression,
+# and full EIM with the other reading of loss_LM's query, one seed, on the same data and budget.
 demo: install
 	$(EIMCTL) demo-data --out $(DEMO_DIR)/data
 	$(EIMCTL) demo-pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/models
-	$(MAKE) --no-print-directory demo-run demo-progression RUN=$(DEMO_RUN) SEED=42
-	$(EIMCTL) report $(DEMO_RUN)/clipcap $(DEMO_RUN)/eim --out $(DEMO_RUN)/report
+	$(MAKE) --no-print-directory demo-progression RUN=$(DEMO_RUN) SEED=42
+	$(EIMCTL) report $(DEMO_RUN)/clipcap $(DEMO_RUN)/eim $(DEMO_RUN)/eim-text --out $(DEMO_RUN)/report
 
-# One seed of both recipes: the ClipCap baseline, and EIM's segmented schedule st -> lm -> base-ie.
-demo-run:
+EIM_CFG = --config examples/demo-eim.yaml train.seed=$(SEED)
+# One seed: ClipCap `base`; EIM features by loss_base alone (`base`), + st (`st-base`), + lm (`lm-base`),
+# + base-ie (full EIM: st -> lm -> base-ie); and st -> lm -> base-ie with eim.lm_query=text.
+demo-progression:
 	$(EIMCTL) train-stage base --run-dir $(RUN)/clipcap --config examples/demo.yaml train.seed=$(SEED)
 	$(EIMCTL) evaluate coco --run-dir $(RUN)/clipcap --stage base
 	$(EIMCTL) build-queues --config examples/demo-eim.yaml
-	$(EIMCTL) train-stage st --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
-	$(EIMCTL) train-stage lm --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
-	$(EIMCTL) train-stage base-ie --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
-	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage base-ie
+	for stage in base st st-base lm lm-base base-ie; do \
+	    $(EIMCTL) train-stage $$stage --run-dir $(RUN)/eim $(EIM_CFG) || exit 1; done
+	for stage in base st-base lm-base base-ie; do \
+	    $(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage $$stage || exit 1; done
+	for stage in st lm base-ie; do \
+	    $(EIMCTL) train-stage $$stage --run-dir $(RUN)/eim-text $(EIM_CFG) eim.lm_query=text || exit 1; done
+	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim-text --stage base-ie
 
-# The rest of the paper's Table 4 progression on the same run: EIM's features by loss_base alone
-# (base), st then loss_base (st-base), st -> lm then loss_base (lm-base).
-demo-progression:
-	$(EIMCTL) train-stage base --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
-	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage base
-	$(EIMCTL) train-stage st-base --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
-	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage st-base
-	$(EIMCTL) train-stage lm-base --run-dir $(RUN)/eim --config examples/demo-eim.yaml train.seed=$(SEED)
-	$(EIMCTL) evaluate coco --run-dir $(RUN)/eim --stage lm-base
-
-# Both recipes over several seeds, reported as mean ± spread.
+# The whole progression over several seeds, reported as mean ± spread with paired differences.
 demo-seeds: install
 	$(EIMCTL) demo-data --out $(DEMO_DIR)/data
 	$(EIMCTL) demo-pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/models
-	for seed in $(SEEDS); do $(MAKE) --no-print-directory demo-run RUN=$(SEEDS_RUN)/seed-$$seed SEED=$$seed || exit 1; done
-	$(EIMCTL) report $(foreach s,$(SEEDS),$(SEEDS_RUN)/seed-$(s)/clipcap $(SEEDS_RUN)/seed-$(s)/eim) \
+	for seed in $(SEEDS); do $(MAKE) --no-print-directory demo-progression RUN=$(SEEDS_RUN)/seed-$$seed SEED=$$seed || exit 1; done
+	$(EIMCTL) report $(foreach s,$(SEEDS),$(SEEDS_RUN)/seed-$(s)/clipcap $(SEEDS_RUN)/seed-$(s)/eim $(SEEDS_RUN)/seed-$(s)/eim-text) \
 	    --aggregate --out $(SEEDS_RUN)/report
 
 clean-demo:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from common import BATCH, figure, interleaved_times
 from eimctl.data.tokens import pad_batch, tokenize_pairs
 from eimctl.eim.objectives import compute_losses
-from eimctl.eim.schedule import stage_spec
+from eimctl.eim.schedule import resolve_schedule, stage_spec
 from eimctl.models.factory import build_model, set_trainable
 from eimctl.tasks import get_task
 from eimctl.train.loop import linear_warmup_decay, train_step
@@ -28,7 +28,7 @@ LABELS = {"fp32": "float32 (the default)", "bf16": "train.precision=bf16 (autoca
 
 def _model_and_batch(cfg, device: torch.device):
     """The base stage's model, an untouched copy of it for the plain loop, and one batch on the device."""
-    spec = stage_spec(cfg, "base")
+    spec = stage_spec(resolve_schedule(cfg), "base")
     torch.manual_seed(0)
     model, _ = build_model(cfg, groups=set(spec.trainable), losses=set(spec.losses),
                            trained_now=set(spec.trainable))

@@ -51,7 +51,7 @@ def prepare_workspace(work: Path, scale: dict) -> dict:
     from eimctl.data.demo import generate_demo_data
 
     data = work / "data"
-    generate_demo_data(data, n_train_images=scale["images"], n_val_images=8, n_test_images=8)
+    generate_demo_data(data, n_world_images=8, n_train_images=scale["images"], n_val_images=8, n_test_images=8)
     clip_dir, lm_dir = work / "clip", work / "lm"
     _random_clip(clip_dir)
     _random_lm(lm_dir, data)

@@ -14,8 +14,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Train and evaluate CLIP + projector + LM models with EIM.\n\n"
                        "Pipeline: build-queues -> train-stage (st, lm, base-ie | base) -> evaluate -> report. "
                        "Steps pass artifacts through a run directory (runs/<run>/).")
-evaluate_app = typer.Typer(no_args_is_help=True, help="Score a trained stage on a benchmark.")
-app.add_typer(evaluate_app, name="evaluate")
 
 
 def user_errors(command):
@@ -106,17 +104,18 @@ def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY
     run_build(cfg, force=force, show=not quiet)
 
 
-@evaluate_app.command("coco")
+@app.command("evaluate")
 @user_errors
-def evaluate_coco(run_dir: Path = RUN_DIR,
-                  stage: str = typer.Option("base", help="Trained stage to evaluate."),
-                  overrides: Optional[List[str]] = typer.Argument(None, help="eval.* overrides, "
-                                                                             "e.g. eval.beam_size=3"),
-                  spice_jars: Optional[Path] = typer.Option(None, help="Folder with Stanford CoreNLP 3.6.0 "
-                                                                       "jars; without it SPICE is unavailable."),
-                  force: bool = FORCE, quiet: bool = QUIET):
-    """Caption the split's images and score them (BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE)."""
-    _evaluate_and_print("coco", run_dir, stage, overrides, {"spice_jars": spice_jars}, force, quiet)
+def evaluate(task: str = typer.Argument(..., help="The task whose benchmark scores the stage: "
+                                                  "coco (captioning: BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE)."),
+             overrides: Optional[List[str]] = typer.Argument(None, help="eval.* overrides, e.g. eval.beam_size=3"),
+             run_dir: Path = RUN_DIR,
+             stage: str = typer.Option("base", help="Trained stage to evaluate."),
+             spice_jars: Optional[Path] = typer.Option(None, help="coco: folder with Stanford CoreNLP 3.6.0 jars; "
+                                                                  "without it SPICE is unavailable."),
+             force: bool = FORCE, quiet: bool = QUIET):
+    """Score a trained stage on a task's benchmark (eimctl/tasks/): generate, then score officially."""
+    _evaluate_and_print(task, run_dir, stage, overrides, {"spice_jars": spice_jars}, force, quiet)
 
 
 def _evaluate_and_print(task_name: str, run_dir: Path, stage: str, overrides, options: dict, force: bool,
@@ -139,21 +138,30 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run dire
            out: Optional[Path] = typer.Option(None, help="Output folder (default: <first run>/report)."),
            aggregate: bool = typer.Option(False, help="Also give mean ± spread over runs whose folders share "
                                                       "a name (one recipe over several seeds)."),
+           baseline: str = typer.Option("clipcap:base", help="RUN_FOLDER_NAME:STAGE every configuration is "
+                                                              "compared with, seed by seed, under --aggregate."),
            quiet: bool = QUIET):
     """Tabulate metrics per run and stage (terminal + report.md) and plot training loss curves."""
     from eimctl.steps.report import report as run_report
 
-    run_report(run_dirs, out or (run_dirs[0] / "report"), aggregate=aggregate, show=not quiet)
+    group, _, stage = baseline.partition(":")
+    run_report(run_dirs, out or (run_dirs[0] / "report"), aggregate=aggregate, show=not quiet,
+               baseline=(group, stage or "base"))
 
 
 @app.command("demo-data")
 @user_errors
 def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write the data set."),
-              seed: int = typer.Option(0), train_images: int = typer.Option(3000), quiet: bool = QUIET):
+              seed: int = typer.Option(0, help="Seed of the scenes and captions (same seed, same files)."),
+              world_images: int = typer.Option(6000, help="Images in the pretraining corpus of the demo's "
+                                                          "CLIP and LM (all compositions)."),
+              train_images: int = typer.Option(520, help="Images in the captioner's training split (2 "
+                                                         "captions each; held-out compositions excluded)."),
+              quiet: bool = QUIET):
     """Generate the embedded demo data set: rendered scenes with describing captions (JSONL)."""
     from eimctl.data.demo import generate_demo_data
 
-    summary = generate_demo_data(out, seed=seed, n_train_images=train_images)
+    summary = generate_demo_data(out, seed=seed, n_world_images=world_images, n_train_images=train_images)
     if not quiet:
         print(f"demo data in {out}: {summary}")
 
@@ -162,8 +170,9 @@ def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write t
 @user_errors
 def demo_pretrain(data: Path = typer.Option(Path("demo/data"), help="Demo data folder (from demo-data)."),
                   out: Path = typer.Option(Path("demo/models"), help="Where to write clip/ and lm/."),
-                  seed: int = typer.Option(0), quiet: bool = QUIET):
-    """Pretrain the demo's small CLIP-style model and LM on the demo data (stand-ins for CLIP and GPT-2)."""
+                  seed: int = typer.Option(0, help="Seed of the models' initialisation and data order."),
+                  quiet: bool = QUIET):
+    """Pretrain the demo's small CLIP and LM on the demo's world split (stand-ins for CLIP and GPT-2)."""
     from eimctl.demo.pretrain import pretrain_demo_clip, pretrain_demo_lm
 
     log = (lambda *_: None) if quiet else print

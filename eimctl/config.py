@@ -75,6 +75,8 @@ class EvalConfig:
     batch_size: int = 64
     fixed_caption_baseline: bool = True
     fixed_caption_candidates: int = 300
+    diagnostics: bool = True          # val NLL, image-use gap, text-only NLL, cos(query, own key) (README: Diagnostics)
+    diagnostic_samples: int = 500     # samples they use: a fixed, evenly spread subset of val (and of train)
 
 
 @dataclass
@@ -90,7 +92,19 @@ class EIMConfig:
                                          # conversion per chunk and step; float16 halves the memory)
     ie_query: str = "frozen-projection"  # frozen-projection | linear-head: how the [CLS] meets the text space
     lm_query: str = "multimodal"      # multimodal (ST prefix + text) | text: the sequence loss_LM's query sees
-    prompt_tokens: int = 8            # visual prompt tokens tuned by loss_IE when CLIP has no adapters
+    clip_tuning: str = "network"      # network | tokens: loss_IE's CLIP tuning module (eimctl/models/clip_tuning.py)
+    prompt_tokens: int = 8            # clip_tuning=tokens: visual prompt tokens inserted after [CLS]
+    prompt_hidden: int = 0            # clip_tuning=network: the generators' hidden width; 0 = CLIP's width
+    prompt_depth: str = "deep"        # clip_tuning=network: deep (offsets before every block) | shallow (first)
+    prompt_lr: float = 0.0            # learning rate of the CLIP tuning module; 0 = the stage's train.lr
+
+    # Our extensions, NOT from the paper (off by default; README 'Interpretation choices'):
+    same_image: str = "negative"      # negative | positive | masked: other captions of the sample's image
+    same_text: str = "negative"       # negative | positive | masked: rows with the same normalised caption
+    center_keys: bool = False         # subtract each queue's mean key and re-normalise (an in-memory copy)
+    # Key-queue diagnostics printed by build-queues (eimctl/eim/queue_diagnostics.py):
+    duplicate_cosine: float = 0.999   # a row is a near-duplicate when another row's cosine exceeds this
+    diagnostic_rows: int = 4096       # rows sampled for near-duplicates and the floor loss (exact if N <= it)
 
 
 @dataclass
@@ -118,19 +132,24 @@ CHOICES = {
     "eim.queue_dtype": {"float16", "float32"},
     "eim.ie_query": {"frozen-projection", "linear-head"},
     "eim.lm_query": {"multimodal", "text"},
+    "eim.same_image": {"negative", "positive", "masked"},
+    "eim.same_text": {"negative", "positive", "masked"},
+    "eim.clip_tuning": {"network", "tokens"},
+    "eim.prompt_depth": {"deep", "shallow"},
 }
 POSITIVE = {"data.max_caption_tokens", "model.projector.prefix_length", "model.projector.layers",
             "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
-            "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature"}
+            "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature", "eim.duplicate_cosine",
+            "eim.diagnostic_rows", "eval.diagnostic_samples"}
 NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.weight_decay",
                 "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed",
-                "eim.prompt_tokens", "eim.chunk_rows"}
+                "eim.prompt_tokens", "eim.chunk_rows", "eim.prompt_hidden", "eim.prompt_lr"}
 # Keys that change how a step runs but not what it produces.
 NOT_FINGERPRINTED = {"train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.pin_memory", "train.compile", "eval.batch_size",
                      "eim.queues_dir", "eim.chunk_rows", "eim.queue_placement",
-                     "eim.device_queue_dtype"}
+                     "eim.device_queue_dtype", "eim.duplicate_cosine", "eim.diagnostic_rows"}
 
 
 def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:
@@ -207,6 +226,8 @@ def _check_values(config: Config, problems: list[str]) -> None:
             problems.append(f"{key}: must be >= 0, got {flat[key]}")
     if not 0 < config.train.lr < 1:
         problems.append(f"train.lr: must be in (0, 1), got {config.train.lr}")
+    if config.eim.duplicate_cosine > 1:
+        problems.append(f"eim.duplicate_cosine: must be <= 1 (a cosine), got {config.eim.duplicate_cosine}")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

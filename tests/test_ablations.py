@@ -17,7 +17,7 @@ BASE = ROOT / "examples/demo-eim.yaml"
 
 def test_the_ablation_set_is_complete():
     names = {p.stem for p in ABLATIONS}
-    assert {"st-only", "lm-only", "ie-only", "all-in-one", "st-lm-swapped", "ie-first"} <= names
+    assert {"st-only", "lm-only", "ie-only", "all-in-one", "st-lm-swapped", "ie-first", "st-lm-together"} <= names
     assert {f"features-{p}-{t}" for p in ("proj", "noproj") for t in ("pooled", "full")} <= names
 
 
@@ -38,3 +38,24 @@ def test_ablation_runs_through_the_cli(tmp_path: Path, tiny_overrides, ablation)
         assert manifest["status"] == "complete" and manifest["losses"] == spec.losses
         logged = json.loads((run / f"stages/{spec.name}/metrics.jsonl").read_text().splitlines()[-1])
         assert {f"loss_{name}" for name in spec.losses} <= set(logged)
+
+
+def test_ie_is_always_paired_with_base_and_table6_trains_st_and_lm_together():
+    ie_first = {s.name: s for s in training_order(load_config([BASE, ROOT / "examples/ablations/ie-first.yaml"]))}
+    assert ie_first["base-ie"].losses == {"base": 1.0, "ie": 1.0} and ie_first["base-ie"].init == "pretrained"
+    together = training_order(load_config([BASE, ROOT / "examples/ablations/st-lm-together.yaml"]))
+    assert [s.name for s in together] == ["st-lm", "base-ie"] and together[0].losses == {"st": 1.0, "lm": 1.0}
+
+
+def test_the_coco_eim_recipe_resolves_and_its_schedule_prints():
+    config = load_config(ROOT / "examples/coco-eim.yaml")
+    assert (config.model.clip.remove_projection, config.model.clip.tokens, config.model.projector.type) == \
+        (True, "full", "ffn")
+    assert (config.train.lr, config.train.warmup_steps, config.train.batch_size, config.train.epochs) == \
+        (2e-5, 5000, 40, 10)
+    assert config.eim.clip_tuning == "network" and config.eim.prompt_hidden == 1411   # 26,072,100 at ViT-B/32
+    result = runner.invoke(app, ["schedule", "--config", str(ROOT / "examples/coco-eim.yaml"), "--run-dir", "runs/x"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("eimctl")]
+    assert lines[0].startswith("eimctl build-queues") and [line.split()[2] for line in lines[1:]] == \
+        ["base", "st", "lm", "base-ie"]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eimctl.data.demo import COLOURS, SHAPES, generate_demo_data
+from eimctl.data.demo import COLOURS, HELD_OUT, SHAPES, duplicate_caption_rate, generate_demo_data
 from eimctl.runtime.errors import EimError
 
-SMALL = {"n_train_images": 12, "n_val_images": 4, "n_test_images": 6}
+SMALL = {"n_world_images": 8, "n_train_images": 12, "n_val_images": 4, "n_test_images": 6}
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -31,7 +31,7 @@ def test_same_seed_gives_identical_files(demo_dir, tmp_path):
     first = sorted(p.relative_to(demo_dir) for p in demo_dir.rglob("*") if p.is_file())
     second = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert first == second
-    assert len([p for p in first if p.suffix == ".png"]) == 22
+    assert len([p for p in first if p.suffix == ".png"]) == 30
     for relative in first:
         assert (demo_dir / relative).read_bytes() == (again / relative).read_bytes(), relative
 
@@ -45,11 +45,13 @@ def test_other_seed_gives_other_data(demo_dir, tmp_path):
 
 def test_split_counts_and_record_format(demo_dir):
     summary = json.loads((demo_dir / "demo.json").read_text())
-    expected = {"train": (12, 2), "val": (4, 5), "test": (6, 5)}
+    expected = {"world": (8, 2), "train": (12, 2), "val": (4, 5), "test": (6, 5)}
     for split, (n_images, per_image) in expected.items():
         records = _read_jsonl(demo_dir / f"{split}.jsonl")
         assert len(records) == n_images * per_image
-        assert summary["counts"][split] == {"images": n_images, "captions": n_images * per_image}
+        counts = summary["counts"][split]
+        assert (counts["images"], counts["captions"]) == (n_images, n_images * per_image)
+        assert 0 <= counts["duplicate_rate"] <= 1
         assert len({r["image"] for r in records}) == n_images
         for record in records:
             assert set(record) == {"sample_id", "image", "caption"}
@@ -96,7 +98,7 @@ def test_existing_dataset_is_kept_and_changed_parameters_rebuild(demo_dir, tmp_p
     generate_demo_data(out, seed=3, **SMALL)
     assert (out / "demo.json").stat().st_mtime_ns == marker_time
     counts = generate_demo_data(out, seed=3, **{**SMALL, "n_train_images": 5})
-    assert counts["train"] == {"images": 5, "captions": 10}
+    assert (counts["train"]["images"], counts["train"]["captions"]) == (5, 10)
     assert not (out / "images/train-6.png").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
 
@@ -108,3 +110,29 @@ def test_refuses_to_replace_a_folder_it_did_not_make(tmp_path):
     with pytest.raises(EimError, match="not a folder made by"):
         generate_demo_data(foreign, **SMALL)
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def _pairs(caption: str) -> set[tuple[str, str]]:
+    """(colour, shape) pairs a caption names: "a small red circle" -> ("red", "circle")."""
+    words = caption.replace(",", " ").replace(":", " ").split()
+    return {(words[i], words[i + 1]) for i in range(len(words) - 1) if words[i] in COLOURS and words[i + 1] in SHAPES}
+
+
+def test_training_never_shows_held_out_pairs_and_every_test_image_has_one(tmp_path):
+    out = tmp_path / "data"
+    generate_demo_data(out, seed=1, n_world_images=60, n_train_images=80, n_val_images=10, n_test_images=30)
+    train = _read_jsonl(out / "train.jsonl")
+    assert not any(_pairs(r["caption"]) & HELD_OUT for r in train)
+    for split in ("val", "test"):
+        by_image: dict[str, set] = {}
+        for record in _read_jsonl(out / f"{split}.jsonl"):
+            by_image.setdefault(record["image"], set()).update(_pairs(record["caption"]))
+        assert all(pairs & HELD_OUT for pairs in by_image.values()), split
+    world_pairs = set().union(*(_pairs(r["caption"]) for r in _read_jsonl(out / "world.jsonl")))
+    assert world_pairs & HELD_OUT            # the pretraining corpus does show them
+
+
+def test_duplicate_rate_by_hand():
+    # caption "a" belongs to images 0 and 1: 2 of the 4 captions are another image's caption too
+    assert duplicate_caption_rate([["a", "b"], ["a", "c"]]) == 0.5
+    assert duplicate_caption_rate([["a", "a"], ["b"]]) == 0.0   # the same image twice is not a duplicate

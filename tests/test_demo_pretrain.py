@@ -24,7 +24,7 @@ TINY_LM = {"n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pretrain") / "data"
-    generate_demo_data(out, n_train_images=48, n_val_images=8, n_test_images=4)
+    generate_demo_data(out, n_world_images=48, n_train_images=8, n_val_images=8, n_test_images=4)
     return out
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from eimctl.cli import app
 from eimctl.config import load_config
 from eimctl.data.tokens import pad_batch, tokenize_pairs
-from eimctl.eim.schedule import schedule_uses
+from eimctl.eim.schedule import resolve_schedule, schedule_uses
 from eimctl.models import registry
 from eimctl.models.factory import build_model
 
@@ -42,7 +42,7 @@ def test_a_second_family_runs_the_schedule_through_the_cli(skeleton, tmp_path: P
 
 def test_the_skeleton_family_is_the_plain_lm_at_initialisation(skeleton):
     config = load_config(overrides=skeleton)
-    groups, losses = schedule_uses(config)
+    groups, losses = schedule_uses(resolve_schedule(config))
     model, _ = build_model(config, groups=groups, losses=losses)
     model.eval()
     tokens, _ = tokenize_pairs(model.tokenizer, [("", "a red square"), ("", "the blue bar")], 40)

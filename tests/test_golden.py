@@ -28,7 +28,8 @@ def _run(*args: str) -> None:
 def test_final_weights_and_queues_equal_the_previous_code(tiny_assets, tmp_path: Path):
     base = [f"model.clip.name={tiny_assets['clip']}", "model.clip.pretrained=", f"model.lm.name={tiny_assets['lm']}",
             f"data.path={tiny_assets['data']}", "train.epochs=2", "train.batch_size=8", "train.warmup_steps=2",
-            "train.lr=1e-3", "train.log_every=1", "train.checkpoint_every=2", "model.projector.prefix_length=4"]
+            "train.lr=1e-3", "train.log_every=1", "train.checkpoint_every=2", "model.projector.prefix_length=4",
+            "eim.clip_tuning=tokens"]
     eim = base + [f"eim.queues_dir={tmp_path / 'queues'}", "model.clip.remove_projection=true",
                   "model.clip.tokens=full", "model.projector.type=ffn", "eim.prompt_tokens=2", "train.epochs=1"]
     _run("train-stage", "base", "--run-dir", str(tmp_path / "clipcap"), "-q", *base)

@@ -131,3 +131,52 @@ def test_aggregate_over_seeds_gives_mean_and_sample_spread(tmp_path):
     assert group["train_seconds"] == pytest.approx(120.0)
     text = write_report(runs, tmp_path / "report", aggregate=True).read_text()
     assert "| eim | base-ie | coco | 3 | 32.00 ± 2.00 | 100.00 ± 0.00 | 0:02:00 |" in text
+
+
+def _with_diagnostics(run: Path, stage: str, record: dict) -> None:
+    """A stage's diagnostics.json, listed in its manifest's outputs as train-stage lists it."""
+    write(run / f"stages/{stage}/diagnostics.json", record)
+    manifest = json.loads((run / f"stages/{stage}/manifest.json").read_text())
+    manifest["outputs"] = {"diagnostics.json": (run / f"stages/{stage}/diagnostics.json").stat().st_size}
+    write(run / f"stages/{stage}/manifest.json", manifest)
+
+
+def test_val_nll_and_image_gap_columns_and_the_diagnostics_section(run_dir, tmp_path):
+    _with_diagnostics(run_dir, "st", {"split": "val", "val_nll": 3.25, "image_use_gap": 0.5,
+                                      "query_key_cosine": {"st": {"queue": "ke", "mean_cos": 0.4125}}})
+    _with_diagnostics(run_dir, "base-ie", {"split": "val", "val_nll": 9.0, "image_use_gap": 9.0,
+                                           "text_only_nll": {"before": 4.5, "after": 4.75},
+                                           "query_key_cosine": {"ie": {"queue": "kt", "mean_cos": 0.25}}})
+    metrics = json.loads((run_dir / "eval/base-ie-coco/metrics.json").read_text())
+    metrics["diagnostics"] = {"split": "val", "val_nll": 2.125, "image_use_gap": -0.0625}   # the evaluation's own
+    write(run_dir / "eval/base-ie-coco/metrics.json", metrics)
+
+    st, model, floor = collect_rows([run_dir])
+    assert st.diagnostics["val_nll"] == 3.25                  # unscored stage: its diagnostics.json
+    assert model.diagnostics["val_nll"] == 2.125              # scored: the evaluation's figures win
+    assert floor.diagnostics == {}
+    lines = write_report([run_dir], tmp_path / "report").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| Run"))
+    assert header.endswith("| CIDEr ×100 | SPICE ×100 | Val NLL | Image gap | Train time | Final loss |")
+    assert "| eim | st | - |  |  |  |  |  |  |  |  |  | 3.250 | +0.500 | 0:00:54 | 2.0000 |" in lines
+    assert ("| eim | base-ie | coco | test | 70.00 | 50.00 | 40.00 | 31.00 | 25.00 | 55.00 | 100.00 | n/a "
+            "| 2.125 | -0.062 | 1:02:03 | 1.2500 |") in lines
+    assert "| eim | base-ie | coco (fixed caption) | test |  |  |  | 5.00 |  |  | 12.30 |  |  |  |  |  |" in lines
+    section = lines[lines.index("## Diagnostics"):]
+    assert "- eim / st: cos(query, own key): loss_st vs ke 0.412" in section
+    assert "- eim / base-ie: text-only NLL 4.500 → 4.750; cos(query, own key): loss_ie vs kt 0.250" in section
+
+    console = Console(record=True, width=250)
+    console.print(render_table(collect_rows([run_dir])))
+    text = console.export_text()
+    assert "Val NLL" in text and "Image gap" in text and "+0.500" in text
+
+
+def test_evaluation_without_diagnostics_falls_back_to_the_stage_and_unlisted_files_are_ignored(run_dir, tmp_path):
+    _with_diagnostics(run_dir, "base-ie", {"split": "val", "val_nll": 1.5, "image_use_gap": 0.75})
+    write(run_dir / "stages/st/diagnostics.json", {"val_nll": 7.0})   # not in st's manifest: not trusted
+    st, model, _ = collect_rows([run_dir])
+    assert model.diagnostics["val_nll"] == 1.5 and st.diagnostics == {}
+    markdown = write_report([run_dir], tmp_path / "report").read_text()
+    assert "| 1.500 | +0.750 |" in markdown and "7.000" not in markdown
+    assert "## Diagnostics" in markdown and "- eim / base-ie" not in markdown   # nothing but the val figures

@@ -28,7 +28,8 @@ def test_base_stage_artifacts_and_skip(tmp_path: Path, tiny_overrides):
     stage = tmp_path / "run/stages/base"
     manifest = json.loads((stage / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert set(manifest["outputs"]) == {"config.yaml", "metrics.jsonl", "final/trainable.safetensors"}
+    assert set(manifest["outputs"]) == {"config.yaml", "metrics.jsonl", "final/trainable.safetensors",
+                                        "diagnostics.json"}
     assert set(manifest["fingerprints"]) == {"config", "model", "data"}
     assert manifest["versions"]["torch"]
     weights = load_file(stage / "final/trainable.safetensors")

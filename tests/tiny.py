@@ -13,14 +13,14 @@ SHAPES = ("square", "bar")
 WORDS = sorted({*COLOURS, *SHAPES, "a", "the", "big", "small", "picture", "of", "there", "is"})
 
 
-def make_tiny_clip(out: Path, image_size: int = 32, patch: int = 8, width: int = 32) -> str:
+def make_tiny_clip(out: Path, image_size: int = 32, patch: int = 8, width: int = 32, layers: int = 1) -> str:
     """An open_clip `local-dir:` folder with a random tiny ViT CLIP; returns the model name."""
     import open_clip
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = {"embed_dim": 24,
-                 "vision_cfg": {"image_size": image_size, "layers": 1, "width": width, "patch_size": patch,
+                 "vision_cfg": {"image_size": image_size, "layers": layers, "width": width, "patch_size": patch,
                                 "head_width": 16},
                  "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
     preprocess_cfg = {"size": image_size, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],

@@ -1,20 +1,30 @@
-"""Synthetic captioning data for the offline embedded demo.
+"""Synthetic captioning data for the offline embedded demo: a broad world and a small captioning task.
 
 Each image is a 64x64 scene with one to three coloured shapes placed in distinct
 cells of a 3x3 grid, so every object has a nameable position ("at the top left",
 "in the centre", ...) and objects never overlap. Captions name size, colour,
-shape and position of each object through several sentence templates, so the
-five references of an evaluation image are phrased differently and no single
-fixed sentence scores well.
+shape and position of each object through nine sentence templates, so the five
+references of an evaluation image are phrased differently and no single fixed
+sentence scores well.
+
+The demo tests EIM's premise — alignment learnt by CLIP and the LM on far more
+data than the captioning set transfers into the captioner — so the splits play
+different parts:
+
+    world  the pretraining corpus of the demo's CLIP and LM (every composition)
+    train  the captioner's small training set (a low-data regime, as COCO is small next to
+           CLIP's and GPT-2's corpora); it never shows HELD_OUT colour-shape pairs
+    val    evaluation-style scenes, each with at least one held-out pair (diagnostics)
+    test   the same: every test image holds a composition the captioner never saw
 
     from eimctl.data.demo import generate_demo_data
-    generate_demo_data(Path("runs/demo/data"))
+    generate_demo_data(Path("demo/data"))
 
 Layout written (atomically, via a temporary sibling folder):
 
     <out_dir>/images/<split>-<n>.png
-    <out_dir>/{train,val,test}.jsonl   one line per (image, caption)
-    <out_dir>/demo.json                parameters and counts, written last
+    <out_dir>/{world,train,val,test}.jsonl   one line per (image, caption)
+    <out_dir>/demo.json                      parameters, counts and duplicate rates, written last
 """
 from __future__ import annotations
 
@@ -32,9 +42,9 @@ from eimctl.runtime.errors import EimError
 
 # Bump when the rendering or caption rules change, so a cached folder made by an
 # older generator is not mistaken for a current one.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
-SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+SPLIT_CODES = {"train": 0, "val": 1, "test": 2, "world": 3}
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 # Hues far apart from each other and from the dark grey background.
 COLOURS = {
@@ -53,7 +63,13 @@ POSITION_PHRASES = {
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
 }
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-TEMPLATES = ("list", "there", "count", "picture", "position_first", "relation")
+TEMPLATES = ("list", "there", "count", "picture", "position_first", "relation", "scene", "image_shows",
+             "we_see")
+# One colour-shape pair per colour that the captioner's training split never shows (the world does).
+HELD_OUT = frozenset({("red", "circle"), ("green", "square"), ("blue", "triangle"), ("yellow", "diamond"),
+                      ("purple", "cross"), ("white", "triangle")})
+# Scenes with more objects have more distinct captions: fewer one-object scenes, fewer exact duplicates.
+OBJECT_COUNT_WEIGHTS = (0.2, 0.4, 0.4)
 # Shapes are drawn this many times larger, then downsampled, for smooth edges.
 SUPERSAMPLE = 4
 
@@ -72,18 +88,28 @@ class SceneObject:
         return f"{self.noun_phrase()} {POSITION_PHRASES[self.cell]}"
 
 
-def _sample_scene(rng: np.random.Generator) -> list[SceneObject]:
-    n_objects = int(rng.integers(1, 4))
+def _sample_object(rng: np.random.Generator, cell: int) -> SceneObject:
+    return SceneObject(shape=SHAPES[int(rng.integers(len(SHAPES)))],
+                       colour=list(COLOURS)[int(rng.integers(len(COLOURS)))],
+                       size=SIZES[int(rng.integers(len(SIZES)))], cell=(int(cell) // 3, int(cell) % 3))
+
+
+def _sample_scene(rng: np.random.Generator, held_out: str = "any") -> list[SceneObject]:
+    """A scene; `held_out`: "any" (the world), "never" (captioner training: no HELD_OUT pair) or
+    "some" (evaluation: at least one object shows a HELD_OUT pair)."""
+    n_objects = int(rng.choice(3, p=OBJECT_COUNT_WEIGHTS)) + 1
     cells = rng.choice(len(POSITION_PHRASES), size=n_objects, replace=False)
-    return [
-        SceneObject(
-            shape=SHAPES[int(rng.integers(len(SHAPES)))],
-            colour=list(COLOURS)[int(rng.integers(len(COLOURS)))],
-            size=SIZES[int(rng.integers(len(SIZES)))],
-            cell=(int(cell) // 3, int(cell) % 3),
-        )
-        for cell in cells
-    ]
+    objects = []
+    for cell in cells:
+        obj = _sample_object(rng, cell)
+        while held_out == "never" and (obj.colour, obj.shape) in HELD_OUT:
+            obj = _sample_object(rng, cell)
+        objects.append(obj)
+    if held_out == "some" and not any((o.colour, o.shape) in HELD_OUT for o in objects):
+        colour, shape = sorted(HELD_OUT)[int(rng.integers(len(HELD_OUT)))]
+        which = int(rng.integers(n_objects))
+        objects[which] = SceneObject(shape=shape, colour=colour, size=objects[which].size, cell=objects[which].cell)
+    return objects
 
 
 def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
@@ -167,6 +193,12 @@ def _caption(objects: list[SceneObject], template: str, rng: np.random.Generator
             return f"only {placed[0]}"
         rest = [obj.placed_phrase() for obj in order[2:]]
         return _join([_relation_phrase(order[0], order[1])] + rest)
+    if template == "scene":
+        return "a scene with " + _join(placed)
+    if template == "image_shows":
+        return "the image shows " + _join(placed)
+    if template == "we_see":
+        return f"we see {COUNT_WORDS[n]}: " + _join(placed)
     raise ValueError(f"unknown template {template!r}")
 
 
@@ -180,28 +212,46 @@ def _captions_for(objects: list[SceneObject], count: int, rng: np.random.Generat
     return [_caption(objects, template, rng) for template in chosen]
 
 
+SPLIT_HELD_OUT = {"world": "any", "train": "never", "val": "some", "test": "some"}
+
+
 def _write_split(root: Path, split: str, n_images: int, captions_per_image: int,
-                 seed: int, image_size: int) -> int:
-    lines = []
+                 seed: int, image_size: int) -> dict:
+    lines, captions_of_image = [], []
     for index in range(n_images):
         # One generator per image, keyed by (seed, split, index): a split's images
         # do not change when another split's size changes.
         rng = np.random.default_rng([seed, SPLIT_CODES[split], index])
-        objects = _sample_scene(rng)
+        objects = _sample_scene(rng, SPLIT_HELD_OUT[split])
         image_name = f"images/{split}-{index}.png"
         _render_scene(objects, rng, image_size).save(root / image_name, format="PNG", optimize=False)
-        for k, caption in enumerate(_captions_for(objects, captions_per_image, rng)):
+        captions = _captions_for(objects, captions_per_image, rng)
+        captions_of_image.append(captions)
+        for k, caption in enumerate(captions):
             lines.append(json.dumps({"sample_id": f"{split}-{index}-{k}", "image": image_name,
                                      "caption": caption}))
     (root / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return len(lines)
+    return {"images": n_images, "captions": len(lines),
+            "duplicate_rate": round(duplicate_caption_rate(captions_of_image), 4)}
+
+
+def duplicate_caption_rate(captions_of_image: list[list[str]]) -> float:
+    """Fraction of captions that are exactly another image's caption."""
+    images_of: dict[str, set[int]] = {}
+    for image, captions in enumerate(captions_of_image):
+        for caption in captions:
+            images_of.setdefault(caption, set()).add(image)
+    total = sum(len(captions) for captions in captions_of_image)
+    shared = sum(1 for captions in captions_of_image for caption in captions if len(images_of[caption]) > 1)
+    return shared / max(1, total)
 
 
 def generate_demo_data(
     out_dir: Path,
     *,
     seed: int = 0,
-    n_train_images: int = 3000,
+    n_world_images: int = 6000,
+    n_train_images: int = 520,
     n_val_images: int = 200,
     n_test_images: int = 300,
     image_size: int = 64,
@@ -216,7 +266,7 @@ def generate_demo_data(
     out_dir = Path(out_dir)
     parameters = {
         "generator_version": GENERATOR_VERSION, "seed": seed, "image_size": image_size,
-        "n_train_images": n_train_images, "n_val_images": n_val_images,
+        "n_world_images": n_world_images, "n_train_images": n_train_images, "n_val_images": n_val_images,
         "n_test_images": n_test_images, "train_captions_per_image": train_captions_per_image,
         "eval_captions_per_image": eval_captions_per_image,
     }
@@ -233,12 +283,12 @@ def generate_demo_data(
         (staging / "images").mkdir()
         counts = {}
         for split, n_images, per_image in (
+            ("world", n_world_images, train_captions_per_image),
             ("train", n_train_images, train_captions_per_image),
             ("val", n_val_images, eval_captions_per_image),
             ("test", n_test_images, eval_captions_per_image),
         ):
-            n_captions = _write_split(staging, split, n_images, per_image, seed, image_size)
-            counts[split] = {"images": n_images, "captions": n_captions}
+            counts[split] = _write_split(staging, split, n_images, per_image, seed, image_size)
         write_json(staging / "demo.json", {"parameters": parameters, "counts": counts})
         publish_dir(staging, out_dir)
     finally:

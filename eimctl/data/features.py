@@ -59,12 +59,22 @@ def encode_split_images(clip, split: CaptionSplit, data: DataConfig, device: tor
     return out
 
 
+def _tuning_key(clip) -> str:
+    """The active CLIP tuning module's values: prompt tokens as before, the prompt network by a hash of its
+    bytes (its millions of values would make a slow JSON text)."""
+    if not clip.prompts_active:
+        return ""
+    if getattr(clip, "prompts_network", None) is not None:
+        return clip.prompts_network.digest()
+    return fingerprint(clip.prompts.tolist())
+
+
 def cached_features(clip, clip_config, split: CaptionSplit, data: DataConfig, cache_dir: Path,
                     device: torch.device, num_workers: int = 0, show: bool = True):
     """(features [n_images, T, d] memory-mapped, image_id -> row) for a frozen CLIP.
 
-    Active visual prompt tokens change the features, so their values are part of the key."""
-    prompts = fingerprint(clip.prompts.tolist()) if clip.prompts_active else ""
+    An active CLIP tuning module changes the features, so its parameter values are part of the key."""
+    prompts = _tuning_key(clip)
     key = fingerprint({"clip": to_dict(clip_config), "split": split.fingerprint,
                        "root": str(Path(split.image_root).resolve()), "extra": prompts})
     path = Path(cache_dir) / f"features-{split.name}-{key}.npy"

@@ -74,7 +74,7 @@ def _build_lm(staging: Path, *, data_dir: Path, parameters: dict, log: Log, log_
     started = time.monotonic()
     model_cfg = parameters["model_cfg"]
     torch.manual_seed(parameters["seed"])
-    captions = _captions(data_dir / "train.jsonl")
+    captions = _captions(data_dir / "world.jsonl")
     tokenizer = build_word_tokenizer(captions, model_cfg["n_positions"])
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TEXT)
     config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=end_id, eos_token_id=end_id,

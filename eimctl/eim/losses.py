@@ -10,6 +10,9 @@ whatever N is, and each key is read once per step.
 
     keys, _ = open_queue(stage_dir / "kt.parquet", expect_rows=len(train))  # eimctl.eim.queue_store
     loss = queue_infonce(query, keys, batch["index"])   # keys: np.memmap or a (GPU) Tensor
+
+`queue_infonce_related` is the same pass with extra positives or masked rows per query
+(eim.same_image, eim.same_text: our extension, not from the paper).
 """
 from __future__ import annotations
 
@@ -76,6 +79,59 @@ def queue_infonce(query: Tensor, keys: np.ndarray | Tensor, positive: Tensor, *,
         return _QueueInfoNCE.apply(query, positive, keys, temperature, chunk_rows, normalise, needs_grad)
 
 
+# Roles of the extra queue rows in `queue_infonce_related` (0 = padding).
+RELATED_POSITIVE, RELATED_MASKED = 1, 2
+
+
+def queue_infonce_related(query: Tensor, keys: np.ndarray | Tensor, positive: Tensor, related_rows: Tensor,
+                          related_roles: Tensor, *, temperature: float = DEFAULT_TEMPERATURE,
+                          chunk_rows: int | None = None, normalise: bool = True) -> Tensor:
+    """`queue_infonce` where other queue rows count as positives or leave the denominator.
+
+    Our extension, NOT from the paper (eim.same_image, eim.same_text); with s_ij = q̂_i·K̂_j/τ,
+
+        L_i = -log Σ_{p∈P(i)} exp(s_ip) + log Σ_{j∉M(i)} exp(s_ij)
+
+    P(i) is the query's own row `positive[i]` plus the rows of `related_rows` [B, R] whose role in
+    `related_roles` [B, R] is RELATED_POSITIVE; M(i) those marked RELATED_MASKED (role 0 pads).
+    Rows must be distinct within a query; an entry naming the query's own row is ignored. The
+    denominator is the streamed log-sum-exp of `queue_infonce` over all N rows (memory O(B·chunk)),
+    with M(i)'s logits set to -inf in the chunks that hold them: subtracting their mass afterwards
+    would lose every digit when they hold nearly all of it. The numerator comes from the gathered
+    rows of P(i) with ordinary autograd.
+    """
+    if chunk_rows is None:
+        chunk_rows = default_chunk_rows(query.device, keys)
+    _check_inputs(query, keys, positive, temperature, chunk_rows)
+    _check_related(related_rows, related_roles, positive, len(keys))
+    compute_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    query = query.to(compute_dtype)
+    if normalise:
+        query = F.normalize(query, dim=-1)
+    own = positive.detach().cpu().long().unsqueeze(1)
+    rows = torch.cat([own, related_rows.detach().cpu().long()], dim=1)
+    roles = torch.cat([torch.full_like(own, RELATED_POSITIVE), related_roles.detach().cpu().long()], dim=1)
+    roles[:, 1:][rows[:, 1:] == own] = 0
+    excluded = _masked_by_chunk(rows, roles, chunk_rows, query.device)
+    needs_grad = torch.is_grad_enabled() and query.requires_grad
+    with torch.autocast(query.device.type, enabled=False):
+        log_kept = _QueueLogNormaliser.apply(query, keys, temperature, chunk_rows, normalise, needs_grad, excluded)
+        gathered = _gather_rows(keys, rows.flatten(), query, normalise).view(*rows.shape, -1)
+        logits = torch.einsum("bd,brd->br", query, gathered) / temperature
+        not_positive = (roles != RELATED_POSITIVE).to(query.device)
+        log_positive = torch.logsumexp(logits.masked_fill(not_positive, float("-inf")), dim=1)
+        return (log_kept - log_positive).mean()
+
+
+def _masked_by_chunk(rows: Tensor, roles: Tensor, chunk_rows: int, device: torch.device) -> dict:
+    """{chunk number: (batch positions, columns within the chunk)} of the masked (query, row) pairs."""
+    batch_index, column = (roles == RELATED_MASKED).nonzero(as_tuple=True)
+    queue_rows = rows[batch_index, column]
+    chunk = queue_rows // chunk_rows
+    return {number: (batch_index[chunk == number].to(device), (queue_rows[chunk == number] % chunk_rows).to(device))
+            for number in chunk.unique().tolist()}
+
+
 def infonce_reference(query: Tensor, keys: Tensor, positive: Tensor,
                       temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
     """The plain version: all B×N logits at once. For tests and benchmarks only."""
@@ -119,33 +175,11 @@ class _QueueInfoNCE(torch.autograd.Function):
     def forward(ctx, query_unit: Tensor, positive: Tensor, keys, temperature: float, chunk_rows: int,
                 normalise: bool, needs_grad: bool) -> Tensor:
         batch = query_unit.shape[0]
-        running_max = torch.full((batch,), float("-inf"), dtype=query_unit.dtype, device=query_unit.device)
-        running_sum = torch.zeros_like(running_max)
-        running_keys = torch.zeros_like(query_unit)  # Σ_j exp(logit_ij − running_max_i) K̂_j
-        scales = _logit_scales(keys, chunk_rows, query_unit, normalise, temperature)
-        # One logits buffer for every chunk: a fresh [B, chunk] tensor per chunk costs an allocation,
-        # and once glibc has raised its mmap threshold (after any large free) also page faults.
-        logits_buffer = torch.empty(batch * min(chunk_rows, len(keys)), dtype=query_unit.dtype,
-                                    device=query_unit.device)
-        for key_chunk, column_scale in _key_chunks(keys, chunk_rows, query_unit, scales):
-            logits = logits_buffer[:batch * len(key_chunk)].view(batch, len(key_chunk))
-            torch.mm(query_unit, key_chunk.T, out=logits).mul_(column_scale)
-            # Online log-sum-exp: rescale what was summed so far whenever a larger logit turns up.
-            new_max = torch.maximum(running_max, logits.amax(dim=1))
-            rescale = torch.exp(running_max - new_max)
-            weights = logits.sub_(new_max.unsqueeze(1)).exp_()
-            running_sum = running_sum * rescale + weights.sum(dim=1)
-            if needs_grad:
-                # K̂_j = K_j/‖K_j‖: fold the key norms into the weights instead of rescaling the chunk.
-                if normalise:
-                    weights.mul_(column_scale * temperature)
-                running_keys.mul_(rescale.unsqueeze(1)).addmm_(weights, key_chunk)
-            running_max = new_max
-        log_normaliser = running_max + torch.log(running_sum)
+        log_normaliser, expected_key = _stream_log_normaliser(query_unit, keys, temperature, chunk_rows,
+                                                              normalise, needs_grad)
         positive_keys = _gather_rows(keys, positive, query_unit, normalise)
         positive_logits = (query_unit * positive_keys).sum(dim=1) / temperature
         if needs_grad:
-            expected_key = running_keys / running_sum.unsqueeze(1)  # Σ_j p_ij K̂_j
             ctx.save_for_backward(expected_key - positive_keys)
             ctx.scale = 1.0 / (temperature * batch)
         return (log_normaliser - positive_logits).mean()
@@ -155,6 +189,65 @@ class _QueueInfoNCE(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         (key_difference,) = ctx.saved_tensors
         return key_difference * (grad_loss * ctx.scale), None, None, None, None, None, None
+
+
+def _stream_log_normaliser(query_unit: Tensor, keys, temperature: float, chunk_rows: int, normalise: bool,
+                           needs_grad: bool, excluded: dict | None = None) -> tuple[Tensor, Tensor | None]:
+    """log Σ_j exp(q̂_i·K̂_j/τ) [B] over every queue row in one streamed pass and, with `needs_grad`,
+    the softmax-weighted key Σ_j p_ij K̂_j [B, d] (else None). `excluded` ({chunk number: (batch
+    positions, columns)}, from _masked_by_chunk) leaves those (query, row) pairs out of both."""
+    batch = query_unit.shape[0]
+    running_max = torch.full((batch,), float("-inf"), dtype=query_unit.dtype, device=query_unit.device)
+    running_sum = torch.zeros_like(running_max)
+    running_keys = torch.zeros_like(query_unit)  # Σ_j exp(logit_ij − running_max_i) K̂_j
+    scales = _logit_scales(keys, chunk_rows, query_unit, normalise, temperature)
+    # One logits buffer for every chunk: a fresh [B, chunk] tensor per chunk costs an allocation,
+    # and once glibc has raised its mmap threshold (after any large free) also page faults.
+    logits_buffer = torch.empty(batch * min(chunk_rows, len(keys)), dtype=query_unit.dtype,
+                                device=query_unit.device)
+    for number, (key_chunk, column_scale) in enumerate(_key_chunks(keys, chunk_rows, query_unit, scales)):
+        logits = logits_buffer[:batch * len(key_chunk)].view(batch, len(key_chunk))
+        torch.mm(query_unit, key_chunk.T, out=logits).mul_(column_scale)
+        if excluded is not None and number in excluded:
+            logits[excluded[number]] = float("-inf")
+        # Online log-sum-exp: rescale what was summed so far whenever a larger logit turns up.
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        if excluded is not None:  # a query whose rows so far were all excluded: keep exp(-inf - -inf) out
+            new_max.clamp_min_(torch.finfo(new_max.dtype).min)
+        rescale = torch.exp(running_max - new_max)
+        weights = logits.sub_(new_max.unsqueeze(1)).exp_()
+        running_sum = running_sum * rescale + weights.sum(dim=1)
+        if needs_grad:
+            # K̂_j = K_j/‖K_j‖: fold the key norms into the weights instead of rescaling the chunk.
+            if normalise:
+                weights.mul_(column_scale * temperature)
+            running_keys.mul_(rescale.unsqueeze(1)).addmm_(weights, key_chunk)
+        running_max = new_max
+    log_normaliser = running_max + torch.log(running_sum)
+    expected_key = running_keys / running_sum.unsqueeze(1) if needs_grad else None  # Σ_j p_ij K̂_j
+    return log_normaliser, expected_key
+
+
+class _QueueLogNormaliser(torch.autograd.Function):
+    """log Σ_j exp(q̂_i·K̂_j/τ) [B] for already-normalised queries, j over the rows not `excluded`;
+    its gradient is Σ_j p_ij K̂_j / τ."""
+
+    @staticmethod
+    def forward(ctx, query_unit: Tensor, keys, temperature: float, chunk_rows: int, normalise: bool,
+                needs_grad: bool, excluded: dict) -> Tensor:
+        log_normaliser, expected_key = _stream_log_normaliser(query_unit, keys, temperature, chunk_rows,
+                                                              normalise, needs_grad, excluded)
+        if needs_grad:
+            ctx.save_for_backward(expected_key)
+            ctx.temperature = temperature
+        return log_normaliser
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_log_normaliser: Tensor):
+        (expected_key,) = ctx.saved_tensors
+        return (expected_key * (grad_log_normaliser / ctx.temperature).unsqueeze(1),
+                None, None, None, None, None, None)
 
 
 def _key_chunks(keys, chunk_rows: int, like: Tensor, scales: Tensor):
@@ -251,3 +344,11 @@ def _check_inputs(query: Tensor, keys, positive: Tensor, temperature: float, chu
         raise EimError(f"queue index {int(outside[0])} is outside the key queue's {keys.shape[0]} rows",
                        hint="the queue was built from another data set; rebuild it with "
                             "`eimctl build-queues --force`")
+
+
+def _check_related(rows: Tensor, roles: Tensor, positive: Tensor, queue_rows: int) -> None:
+    if rows.ndim != 2 or rows.shape != roles.shape or rows.shape[0] != positive.shape[0]:
+        raise ValueError(f"related rows and roles must both be [{positive.shape[0]}, R], got "
+                         f"{tuple(rows.shape)} and {tuple(roles.shape)}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= queue_rows):
+        raise ValueError(f"a related row is outside the key queue's {queue_rows} rows")

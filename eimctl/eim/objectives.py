@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from eimctl.eim.losses import queue_infonce
+from eimctl.eim.losses import queue_infonce, queue_infonce_related
 from eimctl.eim.queue_kinds import KIND_OF_LOSS, ForwardState
 
 
@@ -26,15 +26,22 @@ def image_features(model, batch: dict) -> torch.Tensor:
         return model.encode_images(batch["pixels"])
 
 
-def compute_losses(model, batch: dict, losses: dict, queues: dict, eim) -> dict:
+def compute_losses(model, batch: dict, losses: dict, queues: dict, eim, related=None) -> dict:
     """Named, unweighted losses for the objectives in `losses` (a stage's {name: weight}).
 
-    `queues` maps a queue kind's name (kt, ke, kb) to its keys; `eim` is the config's eim section."""
+    `queues` maps a queue kind's name (kt, ke, kb) to its keys; `eim` is the config's eim section;
+    `related` (eimctl.eim.related, None unless eim.same_image / eim.same_text ask for it) turns the
+    contrastive losses into their multi-positive / masked variant."""
     out: dict[str, torch.Tensor] = {}
     state = ForwardState(features=image_features(model, batch))
+    related_batch = related.for_batch(batch["indices"]) if related is not None else None
 
     def contrastive(loss: str) -> torch.Tensor:
         kind = KIND_OF_LOSS[loss]
+        if related_batch is not None:
+            return queue_infonce_related(kind.query(model, state), queues[kind.name], batch["indices"],
+                                         *related_batch, temperature=eim.temperature,
+                                         chunk_rows=eim.chunk_rows or None)
         return queue_infonce(kind.query(model, state), queues[kind.name], batch["indices"],
                              temperature=eim.temperature, chunk_rows=eim.chunk_rows or None)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from eimctl.config import fingerprint
+from eimctl.eim.queue_diagnostics import mean_unit_key, unit_rows
 from eimctl.eim.queue_kinds import KIND_BY_NAME
 from eimctl.eim.queue_store import open_queue
 from eimctl.runtime.errors import EimError
@@ -65,6 +66,24 @@ def check_queue_widths(model, queues: dict, folder: Path) -> None:
             raise EimError(f"key queue '{name}' has width {keys.shape[1]}, but this model's {name} query has "
                            f"width {width}", where=str(folder / f"{name}.parquet"),
                            hint="rebuild the queues for this model: eimctl build-queues --force <same config>")
+
+
+def centred_queues(queues: dict, show: bool = True, chunk_rows: int = 65_536) -> dict:
+    """eim.center_keys (our extension, not from the paper): each queue minus its mean unit key, re-normalised.
+
+    The memory-mapped files are never written: the result is a read-only float32 copy in host memory
+    (566,747 x 768 keys: 1.7 GiB per queue, on top of any device copy place_queues makes)."""
+    centred = {}
+    for name, keys in queues.items():
+        mean = torch.from_numpy(mean_unit_key(keys, chunk_rows=chunk_rows)).float()
+        copy = np.empty(keys.shape, dtype=np.float32)
+        for start in range(0, len(keys), chunk_rows):
+            block = unit_rows(keys[start:start + chunk_rows]).float() - mean
+            copy[start:start + len(block)] = torch.nn.functional.normalize(block, dim=-1).numpy()
+        copy.flags.writeable = False  # frozen, so the InfoNCE measures its key norms once
+        centred[name] = copy
+    log("key queues centred (mean key subtracted, re-normalised): " + ", ".join(centred), show)
+    return centred
 
 
 def place_queues(queues: dict, placement: str, device: torch.device, dtype: str, show: bool) -> dict:

@@ -91,19 +91,19 @@ def resolve_schedule(config) -> dict[str, StageSpec]:
     return specs
 
 
-def stage_spec(config, name: str) -> StageSpec:
-    specs = resolve_schedule(config)
+def stage_spec(specs: dict[str, StageSpec], name: str) -> StageSpec:
+    """The named stage of a resolved schedule, or one error listing the stages there are."""
     if name not in specs:
         raise EimError(f"unknown stage '{name}'", where="eimctl train-stage",
                        hint=f"stages in this config: {', '.join(specs)}")
     return specs[name]
 
 
-def schedule_uses(config) -> tuple[set[str], set[str]]:
-    """(every trainable group, every loss) the config's schedule uses: the model is built with the
+def schedule_uses(specs: dict[str, StageSpec]) -> tuple[set[str], set[str]]:
+    """(every trainable group, every loss) a resolved schedule uses: the model is built with the
     modules of all of them, so every stage of a run has the same architecture."""
-    specs = resolve_schedule(config).values()
-    return {g for s in specs for g in s.trainable}, {loss for s in specs for loss in s.losses}
+    return ({g for s in specs.values() for g in s.trainable},
+            {loss for s in specs.values() for loss in s.losses})
 
 
 def training_order(config) -> list[StageSpec]:

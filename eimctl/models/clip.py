@@ -4,6 +4,9 @@
   outputs after `ln_post`; the original projection is kept as a frozen buffer
   (used only inside loss_IE, never on the inference path).
 - `tokens`: `pooled` ([CLS] only, shape [B, 1, d]) or `full` ([CLS] + patch tokens).
+
+loss_IE's CLIP tuning module is either the prompt network of eimctl/models/clip_tuning.py
+(eim.clip_tuning=network, the identity at initialisation) or shallow prompt tokens (tokens).
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from eimctl.models.clip_tuning import PromptNetworkSpec, prompt_network_for, visual_with_offsets
 from eimctl.runtime.errors import EimError
 
 
@@ -72,7 +76,8 @@ def _weights_error(cfg: ClipConfig, error: Exception) -> EimError:
 class ClipEncoder(nn.Module):
     """open_clip model with configurable visual features. Frozen unless a stage says otherwise."""
 
-    def __init__(self, cfg: ClipConfig, prompt_tokens: int = 0, ie_head: bool = False, prompts_active: bool = False):
+    def __init__(self, cfg: ClipConfig, prompt_tokens: int = 0, ie_head: bool = False, prompts_active: bool = False,
+                 prompt_network: PromptNetworkSpec | None = None):
         super().__init__()
         model, self.preprocess, self.tokenizer = _create_open_clip(cfg)
         self.model = model
@@ -95,7 +100,9 @@ class ClipEncoder(nn.Module):
         # Visual prompt tokens (VPT-shallow): learnable tokens inserted after [CLS], tuned by loss_IE
         # when CLIP has no adapters. Inserted only when `prompts_active` (a stage trains or inherited them).
         self.prompts = nn.Parameter(torch.randn(prompt_tokens, self.width) * 0.02) if prompt_tokens else None
-        self.prompts_active = prompts_active and self.prompts is not None
+        # Deep additive prompts from a network (eim.clip_tuning=network): offsets that are exactly 0 at init.
+        self.prompts_network = prompt_network_for(visual, prompt_network) if prompt_network else None
+        self.prompts_active = prompts_active and (self.prompts is not None or self.prompts_network is not None)
         # Optional trainable head from the [CLS] to the text space for loss_IE (eim.ie_query=linear-head),
         # initialised as CLIP's own projection.
         self.ie_head = None
@@ -108,6 +115,8 @@ class ClipEncoder(nn.Module):
         visual = self.model.visual
         if not self.prompts_active:
             return visual(pixels)
+        if self.prompts_network is not None:
+            return visual_with_offsets(visual, pixels, self.prompts_network.offsets())
         if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
             raise EimError("visual prompt tokens need a ViT that pools the [CLS] token", where="model.clip.name",
                            hint="use a standard CLIP ViT, or set eim.prompt_tokens=0")

@@ -2,8 +2,8 @@
 
     CLIP features [B, T, d] --projector--> prefix [B, P, D] ++ text embeddings --LM--> next-token logits
 
-Trainable groups: `projector`, `lm`, `clip_prompts` (visual prompt tokens tuned by
-loss_IE, as CLIP has no adapters of its own) and `ie_head` (loss_IE's optional
+Trainable groups: `projector`, `lm`, `clip_prompts` (loss_IE's CLIP tuning module, as
+CLIP has no adapters of its own: the prompt network or prompt tokens, eim.clip_tuning) and `ie_head` (loss_IE's optional
 linear head). loss_base is the cross-entropy on the response tokens only; padding
 is excluded by the loss mask, never by a token id (GPT-2's token 0, "!", is real).
 """
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eimctl.models.clip import ClipEncoder
+from eimctl.models.clip_tuning import PromptNetworkSpec
 from eimctl.models.generate import generate_captions
 from eimctl.models.lm import final_hidden, load_lm
 from eimctl.models.projectors import build_projector
@@ -34,9 +35,10 @@ DEFAULT_STAGES = {
 
 
 class ClipCap(nn.Module):
-    def __init__(self, model_cfg, *, prompt_tokens: int = 0, ie_head: bool = False, prompts_active: bool = False):
+    def __init__(self, model_cfg, *, prompt_tokens: int = 0, ie_head: bool = False, prompts_active: bool = False,
+                 prompt_network: PromptNetworkSpec | None = None):
         super().__init__()
-        self.clip = ClipEncoder(model_cfg.clip, prompt_tokens, ie_head, prompts_active)
+        self.clip = ClipEncoder(model_cfg.clip, prompt_tokens, ie_head, prompts_active, prompt_network)
         self.lm, self.tokenizer = load_lm(model_cfg.lm)
         self.lm_dim = self.lm.get_input_embeddings().embedding_dim
         self.projector = build_projector(model_cfg.projector, self.clip.feature_dim, self.clip.num_tokens,
@@ -99,12 +101,16 @@ class ClipCap(nn.Module):
 
 
 def build(config, *, groups: set[str], losses: set[str], active: set[str]) -> ClipCap:
-    if "clip_prompts" in groups and config.eim.prompt_tokens == 0:
+    eim = config.eim
+    network = "clip_prompts" in groups and eim.clip_tuning == "network"
+    if "clip_prompts" in groups and not network and eim.prompt_tokens == 0:
         raise EimError("the schedule trains clip_prompts but eim.prompt_tokens=0", where="config",
-                       hint="set eim.prompt_tokens to e.g. 8")
+                       hint="set eim.prompt_tokens to e.g. 8, or eim.clip_tuning=network")
     if "ie_head" in groups and config.eim.ie_query != "linear-head":
         raise EimError("the schedule trains ie_head but eim.ie_query is not linear-head", where="config",
                        hint="set eim.ie_query=linear-head")
-    prompts = config.eim.prompt_tokens if "clip_prompts" in groups else 0
-    ie_head = config.eim.ie_query == "linear-head" and "ie" in losses
-    return ClipCap(config.model, prompt_tokens=prompts, ie_head=ie_head, prompts_active="clip_prompts" in active)
+    prompts = eim.prompt_tokens if "clip_prompts" in groups and not network else 0
+    ie_head = eim.ie_query == "linear-head" and "ie" in losses
+    spec = PromptNetworkSpec(eim.prompt_hidden, eim.prompt_depth) if network else None
+    return ClipCap(config.model, prompt_tokens=prompts, ie_head=ie_head, prompts_active="clip_prompts" in active,
+                   prompt_network=spec)

@@ -45,3 +45,12 @@ def set_trainable(model: nn.Module, family_name: str, trainable: tuple[str, ...]
         if not any(name.startswith(prefixes[group]) for name, _ in model.named_parameters()):
             raise EimError(f"trainable group '{group}' has no parameters in this model",
                            where="config key `stages`", hint="check the family's options for that module")
+
+
+def learning_rates_by_prefix(config, trainable: tuple[str, ...]) -> dict[str, float]:
+    """{parameter-name prefix: learning rate} for groups trained at a rate of their own: the CLIP tuning
+    module (group `clip_prompts`) at eim.prompt_lr when that is set; {} = every group at train.lr."""
+    prefix = get_family(config.model.family).TRAINABLE_GROUPS.get("clip_prompts")
+    if config.eim.prompt_lr and prefix and "clip_prompts" in trainable:
+        return {prefix: config.eim.prompt_lr}
+    return {}

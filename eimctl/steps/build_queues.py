@@ -9,6 +9,11 @@ lives in the top-level store `queues/<data>-<models>-<fingerprint>/` and is reus
 by every run. Each queue is built in parts (`.parts/<queue>-NNNNN.npy`, written
 atomically), so a killed build resumes part by part; the Parquet is assembled from
 the parts, and the manifest is written last.
+
+Once the queues are written, each one's diagnostics (near-duplicate rate, mean cosine to the
+mean key, floor loss; eimctl/eim/queue_diagnostics.py) are printed, one line per queue, and
+stored in the manifest under `diagnostics`. They are computed at build time only: a build
+skipped because the queues are complete prints and recomputes nothing (`--force` rebuilds).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from eimctl.config import Config
 from eimctl.data.tokens import pad_batch, tokenize_for_training
+from eimctl.eim.queue_diagnostics import diagnose_queue
 from eimctl.eim.queue_kinds import QUEUE_KINDS
 from eimctl.eim.queue_store import open_queue, read_queue_info, write_queue
 from eimctl.eim.queues import encoder_name, queue_fingerprint, queue_folder
@@ -147,6 +153,19 @@ def _complete_queue_dim(target: Path, rows: int, data_fingerprint: str) -> int |
     return info.dim if info.rows == rows and info.data_fingerprint == data_fingerprint else None
 
 
+def _diagnose(target: Path, config: Config, device: torch.device, show: bool) -> dict:
+    """Print and return one queue's diagnostics (sampled rows against the whole queue; see the module)."""
+    keys, _ = open_queue(target)
+    diagnostics = diagnose_queue(keys, duplicate_cosine=config.eim.duplicate_cosine,
+                                 most_rows=config.eim.diagnostic_rows, temperature=config.eim.temperature,
+                                 device=device)
+    name = target.name.removesuffix(".parquet")
+    log(diagnostics.line(name), show)
+    if diagnostics.indistinguishable:
+        log(diagnostics.warning(name), show)
+    return diagnostics.as_dict()
+
+
 def build_queues(config: Config, *, force: bool = False, show: bool = True) -> Path:
     """Build every queue kind for the config's training data; returns the queue folder."""
     started = time.time()
@@ -185,9 +204,10 @@ def build_queues(config: Config, *, force: bool = False, show: bool = True) -> P
         for part in parts:
             part.unlink(missing_ok=True)
     shutil.rmtree(parts_dir, ignore_errors=True)
+    diagnostics = {kind.name: _diagnose(folder / f"{kind.name}.parquet", config, device, show) for kind in QUEUE_KINDS}
     write_manifest(folder, step="build-queues", config={"data": vars(config.data), "clip": vars(config.model.clip),
                                                         "lm": vars(config.model.lm), "eim": vars(config.eim)},
                    fingerprints=fps, outputs=[f"{kind.name}.parquet" for kind in QUEUE_KINDS], started=started,
-                   extra={"rows": len(sample_ids), "dims": dims})
+                   extra={"rows": len(sample_ids), "dims": dims, "diagnostics": diagnostics})
     log(f"key queues ({len(sample_ids)} rows; dims {dims}) -> {folder}", show)
     return folder

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from eimctl.config import Config, fingerprint, load_config
-from eimctl.eim.schedule import schedule_uses
+from eimctl.eim.diagnostics import summary_line, validation_diagnostics
+from eimctl.eim.schedule import resolve_schedule, schedule_uses
 from eimctl.models.factory import build_model
 from eimctl.runtime.atomic import write_json
 from eimctl.runtime.device import resolve_device
@@ -33,9 +34,10 @@ def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None):
                            hint="model and data come from the trained stage's manifest")
     manifest = require_upstream(folder, f"stage '{stage}'", f"eimctl train-stage {stage} --run-dir {run_dir}")
     config: Config = load_config(base=manifest["config"], overrides=overrides)
-    groups, losses = schedule_uses(config)
+    groups, losses = schedule_uses(resolve_schedule(config))
     model, _ = build_model(config, groups=groups, losses=losses, weights=folder / "final" / WEIGHTS)
     model.eval()
+    model.requires_grad_(False)  # nothing trains here (and a frozen CLIP reads the feature cache)
     return config, model, manifest
 
 
@@ -43,7 +45,7 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
              options: dict | None = None, force: bool = False, show: bool = True) -> Path:
     """Generate and score; returns the evaluation folder (skipped when complete with the same inputs)."""
     started = time.time()
-    task, options = get_task(task_name), options or {}
+    task, options = get_task(task_name, where="eimctl evaluate TASK"), options or {}
     config, model, upstream = load_trained(run_dir, stage, overrides)
     out = eval_dir(run_dir, stage, task.name)
     fingerprints = {"upstream": fingerprint(upstream["fingerprints"]), "eval": fingerprint(vars(config.eval)),
@@ -58,6 +60,9 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
     split = task.read(config.data, config.eval.split)
     predictions = task.predict(model, config, split, device, Path(run_dir) / "cache", show)
     result = {**task.score(predictions, split, config, options), "stage": stage}
+    if config.eval.diagnostics:
+        result["diagnostics"] = validation_diagnostics(model, config, task, Path(run_dir) / "cache", device)
+        log(summary_line(result["diagnostics"]), show)
     out.mkdir(parents=True, exist_ok=True)
     task.write(out, predictions)
     result["wall_seconds"] = round(time.time() - started, 3)

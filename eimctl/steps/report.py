@@ -28,6 +28,9 @@ from rich.table import Table
 
 from eimctl.runtime.atomic import atomic_path, write_text
 from eimctl.runtime.errors import EimError
+from eimctl.evaluate.diagnostic_figures import (diagnostic_columns, diagnostics_section, read_stage_diagnostics,
+                                               val_figures)
+from eimctl.evaluate.paired import paired_differences
 from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.rundir import step_status
 
@@ -51,6 +54,8 @@ class ReportRow:
     final_loss: float | None = None
     is_baseline: bool = False
     group: str = ""  # the run folder's own name: runs of one recipe over several seeds share it
+    origin: str = ""  # the run folder's parent: runs of one seed (clipcap, eim) share it, which pairs them
+    diagnostics: dict = field(default_factory=dict)  # val_nll, image_use_gap, ... (eimctl/eim/diagnostics.py)
 
 
 @dataclass
@@ -58,6 +63,7 @@ class _Collected:
     rows: list[ReportRow]
     notes: list[str]
     curves: dict[tuple[str, str], list[dict]]  # (run, stage) -> metrics.jsonl records
+    diagnostics: dict[tuple[str, str], dict] = field(default_factory=dict)  # (run, stage) -> diagnostics.json
 
 
 def _stage_sort_key(name: str) -> tuple[int, str]:
@@ -91,6 +97,7 @@ def _stage_rows(run: str, run_dir: Path, notes: list[str], curves: dict) -> dict
         row = ReportRow(run=run, stage=folder.name, group=run_dir.name)
         wall = manifest.get("wall_seconds")
         row.train_seconds = float(wall) if _is_number(wall) else None
+        row.diagnostics = read_stage_diagnostics(folder, manifest, f"{run}: stage {folder.name}", notes)
         metrics_file = folder / "metrics.jsonl"
         if metrics_file.is_file():
             records, bad = read_jsonl(metrics_file, tolerant=True)
@@ -121,7 +128,8 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
         eval_rows.append(ReportRow(
             run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
             metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
-            final_loss=trained.final_loss, group=run_dir.name))
+            final_loss=trained.final_loss, group=run_dir.name,
+            diagnostics=val_figures(result.get("diagnostics"), trained.diagnostics)))
         for metric, reason in sorted(result.get("unavailable", {}).items()):
             notes.append(f"{label}: {metric} not computed — {reason}")
         baseline = result.get("fixed_caption_baseline") or {}
@@ -140,6 +148,7 @@ def _collect(run_dirs: list[Path]) -> _Collected:
     notes: list[str] = []
     curves: dict[tuple[str, str], list[dict]] = {}
     names_seen: set[str] = set()
+    diagnostics: dict[tuple[str, str], dict] = {}
     for run_dir in map(Path, run_dirs):
         if not (run_dir / "stages").is_dir():
             raise EimError("not a run directory", where=str(run_dir),
@@ -150,12 +159,15 @@ def _collect(run_dirs: list[Path]) -> _Collected:
         names_seen.add(run)
         stage_rows = _stage_rows(run, run_dir, notes, curves)
         eval_rows = _eval_rows(run, run_dir, stage_rows, notes)
+        diagnostics.update({(run, name): row.diagnostics for name, row in stage_rows.items() if row.diagnostics})
         scored_stages = {row.stage for row in eval_rows}
         # Trained-but-unscored stages still get a row, so training cost and loss stay visible.
         run_rows = [row for name, row in stage_rows.items() if name not in scored_stages] + eval_rows
         # Stable sort: a model row stays just above its fixed-caption row.
+        for row in run_rows:
+            row.origin = str(run_dir.resolve().parent)
         rows.extend(sorted(run_rows, key=lambda r: _stage_sort_key(r.stage)))
-    return _Collected(rows=rows, notes=notes, curves=curves)
+    return _Collected(rows=rows, notes=notes, curves=curves, diagnostics=diagnostics)
 
 
 def collect_rows(run_dirs: list[Path]) -> list[ReportRow]:
@@ -189,6 +201,7 @@ def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
                ("Split", lambda r: r.split)]
     columns += [(f"{CAPTION_METRICS[name]} ×100", metric_cell(name, 100.0)) for name in caption_metrics]
     columns += [(name, metric_cell(name, 1.0)) for name in other_metrics]
+    columns += diagnostic_columns(rows)  # val NLL and image-use gap, when the steps recorded them
     columns += [("Train time", lambda r: _format_seconds(r.train_seconds)),
                 ("Final loss", lambda r: "" if r.final_loss is None else f"{r.final_loss:.4f}")]
     return columns
@@ -295,7 +308,29 @@ def aggregate_markdown(aggregated: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False) -> Path:
+def paired_markdown(rows: list[ReportRow], baseline: tuple[str, str]) -> str:
+    """Each configuration minus the baseline of the same seed: mean ± std over seeds, paired t-test."""
+    paired = paired_differences(rows, baseline)
+    if not paired:
+        return f"No configuration shares a seed with the baseline {baseline[0]}/{baseline[1]}."
+    lines = [f"| Recipe | Stage | Benchmark | pairs | " + " | ".join(
+        f"Δ{CAPTION_METRICS[m]} ×100 | p" for m in ("Bleu_4", "CIDEr")) + " |", "|---|---|---|---:|" + "---:|---:|" * 2]
+    for entry in paired:
+        cells, n = [], 0
+        for metric in ("Bleu_4", "CIDEr"):
+            stats = entry["metrics"].get(metric)
+            n = max(n, stats["n"]) if stats else n
+            if stats is None:
+                cells += ["", ""]
+                continue
+            spread = f" ± {stats['std']:.2f}" if stats["std"] is not None else ""
+            cells += [f"{stats['mean']:+.2f}{spread}", f"{stats['p']:.3f}" if stats["p"] is not None else "n/a"]
+        lines.append(f"| {entry['group']} | {entry['stage']} | {entry['benchmark']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,
+                 baseline: tuple[str, str] = ("clipcap", "base")) -> Path:
     """Write report.md and the loss plots into out_dir; returns the report.md path.
 
     With `aggregate`, a first table gives mean ± sample standard deviation over the runs that
@@ -315,7 +350,12 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False) -
         lines += ["## Mean ± spread over runs", "",
                   "Runs whose folders share a name (one recipe, several seeds) are grouped; each cell is "
                   "mean ± sample standard deviation (×100) over the n runs.", "",
-                  aggregate_markdown(aggregate_rows(collected.rows)), ""]
+                  aggregate_markdown(aggregate_rows(collected.rows)), "",
+                  f"## Paired differences vs {baseline[0]}/{baseline[1]} (same seed)", "",
+                  "Each configuration's score minus the baseline's in the same seed folder; mean ± sample "
+                  "standard deviation over the seeds, and the two-sided paired t-test's p-value (n − 1 "
+                  "degrees of freedom; with 3 seeds a guide, not a verdict).", "",
+                  paired_markdown(collected.rows, baseline), ""]
     if collected.rows:
         lines += ["## Results", "",
                   "Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) are ×100, as in papers; "
@@ -325,6 +365,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False) -
                   "a floor to beat.", "", _markdown_table(collected.rows), ""]
     else:
         lines += ["No complete stages or evaluations found.", ""]
+    lines += diagnostics_section(collected.diagnostics)
     if collected.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in collected.notes] + [""]
     if plots:
@@ -339,14 +380,16 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False) -
     return report_path
 
 
-def report(run_dirs: list[Path], out_dir: Path, *, aggregate: bool = False, show: bool = True) -> Path:
+def report(run_dirs: list[Path], out_dir: Path, *, aggregate: bool = False, show: bool = True,
+           baseline: tuple[str, str] = ("clipcap", "base")) -> Path:
     """`eimctl report`: write the report, and show its table in the terminal."""
-    path = write_report(run_dirs, out_dir, aggregate=aggregate)
+    path = write_report(run_dirs, out_dir, aggregate=aggregate, baseline=baseline)
     if show:
         console = Console() if sys.stdout.isatty() else Console(width=160)
         rows = collect_rows(run_dirs)
         console.print(render_table(rows))
         if aggregate:
             print(aggregate_markdown(aggregate_rows(rows)))
+            print(paired_markdown(rows, baseline))
         print(f"report written to {path}")
     return path

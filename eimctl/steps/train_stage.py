@@ -18,12 +18,16 @@ from pathlib import Path
 import torch
 
 from eimctl.config import Config, config_fingerprint, dump_yaml, fingerprint, to_dict, with_overrides
+from eimctl.eim.clip_tuning_drift import check_clip_tuning
+from eimctl.eim.diagnostics import StageDiagnostics, summary_line
 from eimctl.eim.objectives import compute_losses
-from eimctl.eim.queues import check_queue_widths, place_queues, queue_folder, require_queues
-from eimctl.eim.schedule import schedule_uses, stage_spec
+from eimctl.eim.queues import centred_queues, check_queue_widths, place_queues, queue_folder, require_queues
+from eimctl.eim.related import related_rows
+from eimctl.eim.schedule import resolve_schedule, schedule_uses, stage_spec
 from eimctl.data.tokens import tokenize_for_training
-from eimctl.models.factory import build_model, set_trainable
-from eimctl.runtime.atomic import write_text
+from eimctl.evaluate.diagnostic_figures import DIAGNOSTICS_FILE
+from eimctl.models.factory import build_model, learning_rates_by_prefix, set_trainable
+from eimctl.runtime.atomic import write_json, write_text
 from eimctl.runtime.device import resolve_device
 from eimctl.runtime.progress import log
 from eimctl.runtime.rundir import require_upstream, skip_or_run, stage_dir, write_manifest
@@ -39,7 +43,8 @@ class StageRecipe:
 
     def __init__(self, config: Config, run_dir: Path, stage: str, *, show: bool = True):
         self.config, self.run_dir, self.show = config, Path(run_dir), show
-        self.spec = stage_spec(config, stage)
+        self.schedule = resolve_schedule(config)
+        self.spec = stage_spec(self.schedule, stage)
         self.train = with_overrides(config, {"train": self.spec.train}, f"stages.{stage}.train").train
         self.config_fp = config_fingerprint(config)
         self.out = stage_dir(run_dir, stage)
@@ -61,9 +66,12 @@ class StageRecipe:
         task = get_task(config.data.task)
         self.data = task.read(config.data, "train")
         queues = require_queues(config, self.data, spec.queues) if spec.queues else {}
+        if config.eim.center_keys:
+            queues = centred_queues(queues, self.show)
+        self.related = related_rows(self.data.samples, config.eim)  # None: the paper's InfoNCE
         self.device = resolve_device(self.train.device)
         torch.manual_seed(self.train.seed)
-        groups, losses = schedule_uses(config)
+        groups, losses = schedule_uses(self.schedule)
         self.model, self.inherited = build_model(config, groups=groups, losses=losses,
                                                  trained_now=set(spec.trainable), weights=init_weights)
         set_trainable(self.model, config.model.family, spec.trainable)
@@ -77,6 +85,9 @@ class StageRecipe:
         images_for = image_inputs(self.model, dataclasses.replace(config, train=self.train), self.data,
                                   self.run_dir / "cache", self.device, self.show)
         self.collate = make_collate(tokens, self.model.tokenizer.pad_token_id, images_for)
+        self.diagnostics = None if not config.eval.diagnostics else StageDiagnostics(
+            self.model, dataclasses.replace(config, train=self.train), task, spec.losses, self.run_dir / "cache",
+            self.device)
 
     def fit(self, resume: str) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -84,12 +95,28 @@ class StageRecipe:
         model, spec, eim = self.model, self.spec, self.config.eim
 
         def losses(batch: dict) -> dict:
-            return compute_losses(model, batch, spec.losses, self.queues, eim)
+            return compute_losses(model, batch, spec.losses, self.queues, eim, related=self.related)
 
-        return fit(stage=spec.name, model=model, losses=losses, collate=self.collate,
-                   dataset_size=len(self.data.samples), cfg=self.train, out_dir=self.out,
-                   config_fp=self.config_fp, device=self.device, resume=resume, show=self.show,
-                   weights={f"loss_{k}": v for k, v in spec.losses.items()})
+        def clip_tuning(when: str) -> dict | None:  # drift of the CLIP tuning module, if this stage trains it
+            return check_clip_tuning(model, self.config, self.data, self.queues, self.device, when, self.show)
+
+        before = clip_tuning("before")
+        summary = fit(stage=spec.name, model=model, losses=losses, collate=self.collate,
+                      dataset_size=len(self.data.samples), cfg=self.train, out_dir=self.out,
+                      config_fp=self.config_fp, device=self.device, resume=resume, show=self.show,
+                      weights={f"loss_{k}": v for k, v in spec.losses.items()},
+                      lr_by_prefix=learning_rates_by_prefix(self.config, spec.trainable))
+        self.clip_tuning = {"clip_tuning": {"before": before, "after": clip_tuning("after")}} if before else {}
+        return summary
+
+    def diagnose(self) -> list[str]:
+        """diagnostics.json of the trained model (eimctl/eim/diagnostics.py; after its weights are saved)."""
+        if self.diagnostics is None:
+            return []
+        record = self.diagnostics.after_training(self.data, self.collate, self.queues)
+        write_json(self.out / DIAGNOSTICS_FILE, record)
+        log(f"{summary_line(record)} -> {self.out / DIAGNOSTICS_FILE}", self.show)
+        return [DIAGNOSTICS_FILE]
 
     def save(self, summary: dict) -> Path:
         config, spec, out = self.config, self.spec, self.out
@@ -97,12 +124,14 @@ class StageRecipe:
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n in trained}
         (out / "final").mkdir(exist_ok=True)
         save_weights(out / "final" / WEIGHTS, tensors, {"stage": spec.name, "config": self.config_fp})
+        diagnosed = self.diagnose()
         write_manifest(out, step="train-stage", config=to_dict(config), started=self.started,
                        fingerprints={"config": self.config_fp, "model": fingerprint(to_dict(config.model)),
                                      "data": self.data.fingerprint},
-                       outputs=["config.yaml", "metrics.jsonl", f"final/{WEIGHTS}"],
+                       outputs=["config.yaml", "metrics.jsonl", f"final/{WEIGHTS}", *diagnosed],
                        extra={"stage": spec.name, "init": spec.init, "trainable": list(spec.trainable),
-                              "losses": spec.losses, "summary": summary, "device": str(self.device)})
+                              "losses": spec.losses, "summary": summary, "device": str(self.device),
+                              **self.clip_tuning})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # final/ holds the result now
         log(f"stage '{spec.name}' complete: {summary['steps']} steps, final loss {summary['final_loss']:.4f} "
             f"-> {out}", self.show)
@@ -121,5 +150,7 @@ def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = Fals
     recipe.setup()
     if force and recipe.out.exists():
         shutil.rmtree(recipe.out)
+    if recipe.diagnostics is not None:
+        recipe.diagnostics.before_training()  # the lm stage's text-only NLL of the weights it starts from
     summary = recipe.fit(resume)
     return recipe.save(summary)

@@ -15,7 +15,7 @@ from eimctl.runtime.errors import EimError
 TASKS: dict[str, str] = {"coco": "eimctl.tasks.coco"}
 
 
-def get_task(name: str):
+def get_task(name: str, where: str = "data.task"):
     if name not in TASKS:
-        raise EimError(f"unknown task '{name}'", where="data.task", hint=f"known tasks: {', '.join(TASKS)}")
+        raise EimError(f"unknown task '{name}'", where=where, hint=f"known tasks: {', '.join(TASKS)}")
     return importlib.import_module(TASKS[name]).TASK

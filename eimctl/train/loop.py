@@ -83,6 +83,19 @@ def linear_warmup_decay(warmup: int, total: int):
     return factor
 
 
+def make_optimizer(model: nn.Module, params: list, cfg, lr_by_prefix: dict[str, float] | None = None):
+    """AdamW over `params` (the trainable ones). Parameters whose names start with a key of `lr_by_prefix`
+    form a group with that learning rate (the schedule scales every group alike); the rest use cfg.lr."""
+    if not lr_by_prefix:
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    members: dict = {None: [], **{prefix: [] for prefix in lr_by_prefix}}   # None: cfg.lr
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            members[next((prefix for prefix in lr_by_prefix if name.startswith(prefix)), None)].append(param)
+    groups = [{"params": group, "lr": lr_by_prefix.get(prefix, cfg.lr)} for prefix, group in members.items() if group]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 def train_step(named: dict, weights: dict, optimizer, scheduler, params: list, max_grad_norm: float,
                step: int, where: Path | str = "") -> dict[str, float]:
     """Backward and update from the step's named losses; returns {"loss": total, name: value}.
@@ -183,13 +196,15 @@ def _accumulate(interval: dict, losses: dict, step: int, plan: Plan, scheduler, 
 
 def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
         dataset_size: int, cfg, out_dir: Path, config_fp: str, device: torch.device,
-        resume: str = "auto", show: bool = True, weights: dict | None = None) -> dict:
-    """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints."""
+        resume: str = "auto", show: bool = True, weights: dict | None = None,
+        lr_by_prefix: dict[str, float] | None = None) -> dict:
+    """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints.
+    `lr_by_prefix` gives parameters whose names start with a prefix their own learning rate."""
     plan = Plan(dataset_size, cfg.batch_size, cfg.epochs, cfg.max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EimError(f"stage '{stage}' has nothing to train", hint="check the stage's trainable modules")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, params, cfg, lr_by_prefix)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, plan.total_steps))
     checkpoints = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"

@@ -1,0 +1,36 @@
+"""Paired differences over seeds and the t-test's p-value, against hand-computed and table values."""
+import math
+
+import pytest
+
+from eimctl.evaluate.paired import paired_differences, paired_summary, t_test_p_value
+from eimctl.steps.report import ReportRow
+
+
+def test_p_values_match_closed_forms_and_tables():
+    assert t_test_p_value(2.0, 2) == pytest.approx(1 - 2 / math.sqrt(6), abs=1e-12)   # df = 2 closed form
+    assert t_test_p_value(1.0, 1) == pytest.approx(0.5, abs=1e-12)                    # Cauchy: P(|t| > 1)
+    assert t_test_p_value(12.706, 1) == pytest.approx(0.05, abs=1e-4)                 # t-table, 95%
+    assert t_test_p_value(2.776, 4) == pytest.approx(0.05, abs=1e-4)
+    assert t_test_p_value(0.0, 3) == pytest.approx(1.0)
+
+
+def test_paired_summary_by_hand():
+    stats = paired_summary([1.0, 2.0, 3.0])        # mean 2, std 1, t = 2 / (1/sqrt 3)
+    assert stats["mean"] == 2.0 and stats["std"] == pytest.approx(1.0)
+    assert stats["t"] == pytest.approx(2 * math.sqrt(3))
+    assert stats["p"] == pytest.approx(t_test_p_value(2 * math.sqrt(3), 2))
+    assert paired_summary([0.5])["p"] is None
+
+
+def test_pairs_are_formed_within_a_seed_folder():
+    def row(origin, group, stage, bleu):
+        return ReportRow(run=group, stage=stage, benchmark="coco", metrics={"Bleu_4": bleu, "CIDEr": 1.0},
+                         group=group, origin=origin)
+    rows = [row("s1", "clipcap", "base", 0.40), row("s1", "eim", "base-ie", 0.42),
+            row("s2", "clipcap", "base", 0.30), row("s2", "eim", "base-ie", 0.31),
+            row("s3", "eim", "base-ie", 0.90)]       # no baseline in s3: not paired
+    (entry,) = paired_differences(rows, ("clipcap", "base"))
+    bleu = entry["metrics"]["Bleu_4"]
+    assert (entry["group"], entry["stage"], bleu["n"]) == ("eim", "base-ie", 2)
+    assert bleu["mean"] == pytest.approx(1.5) and bleu["std"] == pytest.approx(math.sqrt(0.5))
