@@ -34,3 +34,16 @@ def test_pairs_are_formed_within_a_seed_folder():
     bleu = entry["metrics"]["Bleu_4"]
     assert (entry["group"], entry["stage"], bleu["n"]) == ("eim", "base-ie", 2)
     assert bleu["mean"] == pytest.approx(1.5) and bleu["std"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_aggregate_gives_mean_and_spread_of_metrics_and_diagnostics():
+    from eimctl.evaluate.aggregate import aggregate_markdown, aggregate_rows
+    rows = [ReportRow(run="eim", stage="base-ie", benchmark="coco", metrics={"Bleu_4": b}, group="eim",
+                      diagnostics={"val_nll": nll, "image_use_gap": gap})
+            for b, nll, gap in ((0.40, 0.7, 0.2), (0.44, 0.9, 0.4))]
+    (entry,) = aggregate_rows(rows)
+    assert entry["n"] == 2 and entry["metrics"]["Bleu_4"] == pytest.approx((42.0, math.sqrt(8.0)))
+    assert entry["metrics"]["val_nll"] == pytest.approx((0.8, math.sqrt(0.02)))
+    assert entry["metrics"]["image_use_gap"] == pytest.approx((0.3, math.sqrt(0.02)))
+    table = aggregate_markdown([entry])
+    assert "Val NLL" in table and "Image gap" in table and "42.00 ± 2.83" in table

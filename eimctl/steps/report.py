@@ -30,15 +30,14 @@ from eimctl.runtime.atomic import atomic_path, write_text
 from eimctl.runtime.errors import EimError
 from eimctl.evaluate.diagnostic_figures import (diagnostic_columns, diagnostics_section, read_stage_diagnostics,
                                                val_figures)
-from eimctl.evaluate.paired import paired_differences
+from eimctl.evaluate.aggregate import (CAPTION_METRICS, aggregate_markdown, aggregate_rows, format_seconds,
+                                       paired_markdown)
 from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.rundir import step_status
 
 # The schedules' training order; other stage names follow alphabetically.
 STAGE_ORDER = ("base", "st", "st-base", "lm", "lm-base", "base-ie")
-# pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
-CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
-                   "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+
 
 
 @dataclass
@@ -175,14 +174,6 @@ def collect_rows(run_dirs: list[Path]) -> list[ReportRow]:
     return _collect(run_dirs).rows
 
 
-def _format_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
 def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
     """(header, row -> cell text) for every column the rows need, shared by markdown and rich."""
     present = {name for row in rows for name in row.metrics}
@@ -202,7 +193,7 @@ def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
     columns += [(f"{CAPTION_METRICS[name]} ×100", metric_cell(name, 100.0)) for name in caption_metrics]
     columns += [(name, metric_cell(name, 1.0)) for name in other_metrics]
     columns += diagnostic_columns(rows)  # val NLL and image-use gap, when the steps recorded them
-    columns += [("Train time", lambda r: _format_seconds(r.train_seconds)),
+    columns += [("Train time", lambda r: format_seconds(r.train_seconds)),
                 ("Final loss", lambda r: "" if r.final_loss is None else f"{r.final_loss:.4f}")]
     return columns
 
@@ -269,64 +260,6 @@ def _plot_losses(run: str, stage: str, records: list[dict], path: Path) -> bool:
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")
     return True
-
-
-def aggregate_rows(rows: list[ReportRow]) -> list[dict]:
-    """Scored rows grouped by (run folder name, stage, benchmark): n, mean and sample std per metric.
-
-    Runs of one recipe over several seeds (runs/seed-1/eim, runs/seed-2/eim, ...) share a group."""
-    groups: dict[tuple[str, str, str], list[ReportRow]] = {}
-    for row in rows:
-        if row.benchmark != "-":
-            groups.setdefault((row.group or row.run, row.stage, row.benchmark), []).append(row)
-    out = []
-    for (group, stage, benchmark), members in groups.items():
-        stats = {}
-        for name in CAPTION_METRICS:
-            values = [100.0 * r.metrics[name] for r in members if _is_number(r.metrics.get(name))]
-            if values:
-                mean = sum(values) / len(values)
-                spread = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                          if len(values) > 1 else 0.0)
-                stats[name] = (mean, spread)
-        seconds = [r.train_seconds for r in members if _is_number(r.train_seconds)]
-        out.append({"group": group, "stage": stage, "benchmark": benchmark, "n": len(members), "metrics": stats,
-                    "train_seconds": sum(seconds) / len(seconds) if seconds else None})
-    return out
-
-
-def aggregate_markdown(aggregated: list[dict]) -> str:
-    names = [n for n in CAPTION_METRICS if any(n in a["metrics"] for a in aggregated)]
-    lines = ["| Recipe | Stage | Benchmark | n | " + " | ".join(f"{CAPTION_METRICS[n]} ×100" for n in names)
-             + " | Train time (mean) |",
-             "|---|---|---|---:|" + "---:|" * len(names) + "---:|"]
-    for a in aggregated:
-        cells = [f"{a['metrics'][n][0]:.2f} ± {a['metrics'][n][1]:.2f}" if n in a["metrics"] else ""
-                 for n in names]
-        lines.append(f"| {a['group']} | {a['stage']} | {a['benchmark']} | {a['n']} | " + " | ".join(cells)
-                     + f" | {_format_seconds(a['train_seconds'])} |")
-    return "\n".join(lines)
-
-
-def paired_markdown(rows: list[ReportRow], baseline: tuple[str, str]) -> str:
-    """Each configuration minus the baseline of the same seed: mean ± std over seeds, paired t-test."""
-    paired = paired_differences(rows, baseline)
-    if not paired:
-        return f"No configuration shares a seed with the baseline {baseline[0]}/{baseline[1]}."
-    lines = [f"| Recipe | Stage | Benchmark | pairs | " + " | ".join(
-        f"Δ{CAPTION_METRICS[m]} ×100 | p" for m in ("Bleu_4", "CIDEr")) + " |", "|---|---|---|---:|" + "---:|---:|" * 2]
-    for entry in paired:
-        cells, n = [], 0
-        for metric in ("Bleu_4", "CIDEr"):
-            stats = entry["metrics"].get(metric)
-            n = max(n, stats["n"]) if stats else n
-            if stats is None:
-                cells += ["", ""]
-                continue
-            spread = f" ± {stats['std']:.2f}" if stats["std"] is not None else ""
-            cells += [f"{stats['mean']:+.2f}{spread}", f"{stats['p']:.3f}" if stats["p"] is not None else "n/a"]
-        lines.append(f"| {entry['group']} | {entry['stage']} | {entry['benchmark']} | {n} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,

@@ -1,0 +1,94 @@
+"""Several runs at once: mean ± spread over runs of one recipe (seeds), and paired differences to a baseline.
+
+Rows are eimctl.steps.report's ReportRow: `group` (the run folder's name: one recipe), `origin` (its
+parent: one seed), `stage`, `benchmark`, `metrics` (0-1 caption metrics) and `diagnostics`.
+"""
+from __future__ import annotations
+
+import math
+
+from eimctl.evaluate.paired import paired_differences
+
+# pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
+CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
+                   "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+# What the aggregate table shows: (header, scale); caption metrics ×100 as papers print them.
+AGGREGATED = {**{name: (f"{label} ×100", 100.0) for name, label in CAPTION_METRICS.items()},
+              "val_nll": ("Val NLL", 1.0), "image_use_gap": ("Image gap", 1.0)}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _figure(row, name: str):
+    return row.metrics.get(name) if name in CAPTION_METRICS else (row.diagnostics or {}).get(name)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def aggregate_rows(rows: list[ReportRow]) -> list[dict]:
+    """Scored rows grouped by (run folder name, stage, benchmark): n, mean and sample std per metric.
+
+    Runs of one recipe over several seeds (runs/seed-1/eim, runs/seed-2/eim, ...) share a group."""
+    groups: dict[tuple[str, str, str], list[ReportRow]] = {}
+    for row in rows:
+        if row.benchmark != "-":
+            groups.setdefault((row.group or row.run, row.stage, row.benchmark), []).append(row)
+    out = []
+    for (group, stage, benchmark), members in groups.items():
+        stats = {}
+        for name in AGGREGATED:
+            values = [AGGREGATED[name][1] * value for value in map(lambda r: _figure(r, name), members)
+                      if _is_number(value)]
+            if values:
+                mean = sum(values) / len(values)
+                spread = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                          if len(values) > 1 else 0.0)
+                stats[name] = (mean, spread)
+        seconds = [r.train_seconds for r in members if _is_number(r.train_seconds)]
+        out.append({"group": group, "stage": stage, "benchmark": benchmark, "n": len(members), "metrics": stats,
+                    "train_seconds": sum(seconds) / len(seconds) if seconds else None})
+    return out
+
+
+def aggregate_markdown(aggregated: list[dict]) -> str:
+    names = [n for n in AGGREGATED if any(n in a["metrics"] for a in aggregated)]
+    lines = ["| Recipe | Stage | Benchmark | n | " + " | ".join(AGGREGATED[n][0] for n in names)
+             + " | Train time (mean) |",
+             "|---|---|---|---:|" + "---:|" * len(names) + "---:|"]
+    for a in aggregated:
+        cells = [f"{a['metrics'][n][0]:.2f} ± {a['metrics'][n][1]:.2f}" if n in a["metrics"] else ""
+                 for n in names]
+        lines.append(f"| {a['group']} | {a['stage']} | {a['benchmark']} | {a['n']} | " + " | ".join(cells)
+                     + f" | {format_seconds(a['train_seconds'])} |")
+    return "\n".join(lines)
+
+
+def paired_markdown(rows: list[ReportRow], baseline: tuple[str, str]) -> str:
+    """Each configuration minus the baseline of the same seed: mean ± std over seeds, paired t-test."""
+    paired = paired_differences(rows, baseline)
+    if not paired:
+        return f"No configuration shares a seed with the baseline {baseline[0]}/{baseline[1]}."
+    lines = [f"| Recipe | Stage | Benchmark | pairs | " + " | ".join(
+        f"Δ{CAPTION_METRICS[m]} ×100 | p" for m in ("Bleu_4", "CIDEr")) + " |", "|---|---|---|---:|" + "---:|---:|" * 2]
+    for entry in paired:
+        cells, n = [], 0
+        for metric in ("Bleu_4", "CIDEr"):
+            stats = entry["metrics"].get(metric)
+            n = max(n, stats["n"]) if stats else n
+            if stats is None:
+                cells += ["", ""]
+                continue
+            spread = f" ± {stats['std']:.2f}" if stats["std"] is not None else ""
+            cells += [f"{stats['mean']:+.2f}{spread}", f"{stats['p']:.3f}" if stats["p"] is not None else "n/a"]
+        lines.append(f"| {entry['group']} | {entry['stage']} | {entry['benchmark']} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
