@@ -12,9 +12,9 @@ from eimctl.evaluate.paired import paired_differences
 # pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
 CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                    "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
-# What the aggregate table shows: (header, scale); caption metrics ×100 as papers print them.
-AGGREGATED = {**{name: (f"{label} ×100", 100.0) for name, label in CAPTION_METRICS.items()},
-              "val_nll": ("Val NLL", 1.0), "image_use_gap": ("Image gap", 1.0)}
+# What the aggregate table shows: (header, scale, decimals); caption metrics ×100 as papers print them.
+AGGREGATED = {**{name: (f"{label} ×100", 100.0, 2) for name, label in CAPTION_METRICS.items()},
+              "val_nll": ("Val NLL", 1.0, 3), "image_use_gap": ("Image gap", 1.0, 3)}
 
 
 def _is_number(value) -> bool:
@@ -64,8 +64,8 @@ def aggregate_markdown(aggregated: list[dict]) -> str:
              + " | Train time (mean) |",
              "|---|---|---|---:|" + "---:|" * len(names) + "---:|"]
     for a in aggregated:
-        cells = [f"{a['metrics'][n][0]:.2f} ± {a['metrics'][n][1]:.2f}" if n in a["metrics"] else ""
-                 for n in names]
+        cells = [f"{a['metrics'][n][0]:.{AGGREGATED[n][2]}f} ± {a['metrics'][n][1]:.{AGGREGATED[n][2]}f}"
+                 if n in a["metrics"] else "" for n in names]
         lines.append(f"| {a['group']} | {a['stage']} | {a['benchmark']} | {a['n']} | " + " | ".join(cells)
                      + f" | {format_seconds(a['train_seconds'])} |")
     return "\n".join(lines)
