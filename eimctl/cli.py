@@ -16,6 +16,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                        "Steps pass artifacts through a run directory (runs/<run>/).")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from eimctl import __version__
+        print(f"eimctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")) -> None:
+    """Train and evaluate CLIP + projector + LM models with EIM."""
+
+
 def user_errors(command):
     """Turn every EimError (and unexpected failures) into one line and exit code 1."""
     @functools.wraps(command)
@@ -38,6 +51,13 @@ CONFIG = typer.Option(None, "--config", "-c", help="YAML config; repeat to layer
                                                    "the schedule.")
 FORCE = typer.Option(False, "--force", help="Redo a step even if it is complete.")
 QUIET = typer.Option(False, "--quiet", "-q", help="Print only errors.")
+
+
+def _config_args(config: Optional[List[Path]], overrides: Optional[List[str]]) -> str:
+    """The command line's config part (" --config a.yaml k=v"), to print commands that run as printed."""
+    import shlex
+    return "".join(f" --config {shlex.quote(str(c))}" for c in config or []) + \
+        "".join(f" {shlex.quote(o)}" for o in overrides or [])
 
 
 @app.command("train-stage")
@@ -63,7 +83,8 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
         raise EimError(f"--resume must be auto or never, not '{resume}'", where="eimctl train-stage",
                        hint="pass --resume auto (continue) or --resume never (refuse to continue)")
     cfg = load_config(config, overrides)
-    run_stage(cfg, run_dir, stage, force=force, resume=resume, show=not quiet)
+    run_stage(cfg, run_dir, stage, force=force, resume=resume, show=not quiet,
+              config_args=_config_args(config, overrides))
 
 
 @app.command("schedule")
@@ -71,20 +92,12 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
 def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),
              config: Optional[List[Path]] = CONFIG,
              run_dir: Path = typer.Option(Path("runs/<run>"), "--run-dir", help="Shown in the printed commands.")):
-    """Print the config's stages in training order, and the commands that run them."""
+    """Print the whole recipe in order: build-queues, every stage, the evaluations, the report."""
     from eimctl.config import load_config
-    from eimctl.eim.schedule import training_order
+    from eimctl.eim.schedule import recipe_commands
 
     cfg = load_config(config, overrides)
-    specs = training_order(cfg)
-    config_arg = "".join(f" --config {c}" for c in config or [])
-    extra = "".join(f" {o}" for o in overrides or [])
-    if any(spec.queues for spec in specs):
-        print(f"eimctl build-queues{config_arg}{extra}")
-    for spec in specs:
-        losses = " + ".join(f"{w:g}*loss_{n}" for n, w in spec.losses.items())
-        print(f"eimctl train-stage {spec.name} --run-dir {run_dir}{config_arg}{extra}"
-              f"    # from {spec.init}; trains {', '.join(spec.trainable)} by {losses}")
+    print("\n".join(recipe_commands(cfg, _config_args(config, overrides), str(run_dir))))
 
 
 @app.command("build-queues")
@@ -113,7 +126,10 @@ def evaluate(task: str = typer.Argument(..., help="The task whose benchmark scor
              stage: str = typer.Option("base", help="Trained stage to evaluate."),
              spice_jars: Optional[Path] = typer.Option(None, help="coco: folder with Stanford CoreNLP 3.6.0 jars; "
                                                                   "without it SPICE is unavailable."),
-             force: bool = FORCE, quiet: bool = QUIET):
+             force: bool = typer.Option(False, "--force", help="Redo a complete evaluation; also score a stage "
+                                                              "trained without loss_base (st, lm), which is "
+                                                              "refused otherwise."),
+             quiet: bool = QUIET):
     """Score a trained stage on a task's benchmark (eimctl/tasks/): generate, then score officially."""
     _evaluate_and_print(task, run_dir, stage, overrides, {"spice_jars": spice_jars}, force, quiet)
 

@@ -177,9 +177,11 @@ def _coerce(value: Any, kind: type, key: str, problems: list[str]) -> Any:
     return None
 
 
-def _merge(target: Any, updates: dict, prefix: str, problems: list[str], whole_dicts: bool = False) -> None:
+def _merge(target: Any, updates: dict, prefix: str, problems: list[str], whole_dicts: bool = False,
+           origin: dict | None = None, source: str = "") -> None:
     """Apply one layer. With `whole_dicts`, a mapping-typed key (the schedule) is replaced as a
-    whole, so a file's `stages:` is the complete schedule; `key=value` overrides patch it instead."""
+    whole, so a file's `stages:` is the complete schedule; `key=value` overrides patch it instead.
+    `origin` records, per dotted key, the `source` (a file or an override) that set it last."""
     hints = get_type_hints(type(target))
     names = {f.name for f in fields(target)}
     for key, value in updates.items():
@@ -194,13 +196,15 @@ def _merge(target: Any, updates: dict, prefix: str, problems: list[str], whole_d
             if not isinstance(value, dict):
                 problems.append(f"{dotted}: expected a mapping, got {value!r}")
             else:
-                _merge(getattr(target, key), value, dotted + ".", problems, whole_dicts)
+                _merge(getattr(target, key), value, dotted + ".", problems, whole_dicts, origin, source)
             continue
         coerced = _coerce(value, kind, dotted, problems)
         if kind is dict and coerced is not None and not whole_dicts:
             coerced = _deep_merge(getattr(target, key), coerced)
         if coerced is not None:
             setattr(target, key, coerced)
+            if origin is not None:
+                origin[dotted] = source
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -213,7 +217,16 @@ def _deep_merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _check_values(config: Config, problems: list[str]) -> None:
+def _check_values(config: Config, problems: list[str], origin: dict | None = None) -> None:
+    start = len(problems)
+    _check_ranges(config, problems)
+    for index in range(start, len(problems)):  # name the layer that set the bad value
+        source = (origin or {}).get(problems[index].split(":")[0])
+        if source:
+            problems[index] += f" [{source}]"
+
+
+def _check_ranges(config: Config, problems: list[str]) -> None:
     flat = flatten({k: v for k, v in to_dict(config).items() if k != "stages"})
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
@@ -272,15 +285,21 @@ def load_config(path: Path | list[Path] | None = None, overrides: list[str] | No
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path] if path else [])]
     config = Config()
     problems: list[str] = []
-    _merge(config, base or {}, "", problems, whole_dicts=True)
-    for one in paths:
-        _merge(config, read_yaml(one), "", problems, whole_dicts=True)
-    _merge(config, parse_overrides(overrides or []), "", problems)
-    _check_values(config, problems)
+    origin: dict[str, str] = {}
+    layers = [(base or {}, "the saved config", True), *[(read_yaml(one), str(one), True) for one in paths],
+              *[(parse_overrides([item]), f"override {item}", False) for item in overrides or []]]
+    sources = []
+    for layer, source, whole_dicts in layers:
+        start = len(problems)
+        _merge(config, layer, "", problems, whole_dicts, origin, source)
+        problems[start:] = [f"{problem} [{source}]" for problem in problems[start:]]
+        sources += [source] * (len(problems) > start)
+    start = len(problems)
+    _check_values(config, problems, origin)
+    sources += [problem.rsplit("[", 1)[-1].rstrip("]") for problem in problems[start:] if problem.endswith("]")]
     if problems:
-        source = " + ".join(map(str, paths)) if paths else "overrides"
-        raise EimError("invalid configuration: " + "; ".join(problems), where=source,
-                       hint="see README.md 'Configuration' for every key and its default")
+        raise EimError("invalid configuration: " + "; ".join(problems), where=", ".join(dict.fromkeys(sources))
+                       or "the defaults", hint="see README.md 'Configuration' for every key and its default")
     return config
 
 

@@ -57,5 +57,13 @@ def test_the_coco_eim_recipe_resolves_and_its_schedule_prints():
     result = runner.invoke(app, ["schedule", "--config", str(ROOT / "examples/coco-eim.yaml"), "--run-dir", "runs/x"])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("eimctl")]
-    assert lines[0].startswith("eimctl build-queues") and [line.split()[2] for line in lines[1:]] == \
-        ["base", "st", "lm", "base-ie"]
+    assert lines[0].startswith("eimctl build-queues")
+    assert [line.split()[2] for line in lines if line.startswith("eimctl train-stage")] == ["base", "st", "lm", "base-ie"]
+    # the whole recipe: evaluations of the stages that generate (trained with loss_base), then the report
+    assert [line.split()[-1] for line in lines if line.startswith("eimctl evaluate coco")] == ["base", "base-ie"]
+    assert lines[-1] == "eimctl report runs/x"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("eimctl ")

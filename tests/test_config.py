@@ -48,3 +48,19 @@ def test_fingerprint_ignores_how_but_not_what():
     c = load_config(overrides=["train.lr=0.001"])
     assert config_fingerprint(a) == config_fingerprint(b)
     assert config_fingerprint(a) != config_fingerprint(c)
+
+
+def test_a_config_error_names_its_source(tmp_path):
+    good, typo = tmp_path / "good.yaml", tmp_path / "typo.yaml"
+    good.write_text("train:\n  epochs: 3\n")
+    typo.write_text("train:\n  batchsize: 8\n")
+    with pytest.raises(EimError) as caught:
+        load_config([good, typo], ["train.lrr=1e-4", "train.warmup_steps=-5"])
+    text = caught.value.line()
+    assert f"unknown key 'train.batchsize' (did you mean train.batch_size?) [{typo}]" in text
+    assert "unknown key 'train.lrr' (did you mean train.lr?) [override train.lrr=1e-4]" in text
+    assert "train.warmup_steps: must be >= 0, got -5 [override train.warmup_steps=-5]" in text
+    assert str(good) not in text      # the file without a problem is not blamed
+    with pytest.raises(EimError) as caught:
+        load_config(typo)
+    assert caught.value.where == str(typo)

@@ -117,3 +117,32 @@ def test_unknown_stage_and_bad_schedule():
     with pytest.raises(EimError, match="init chain loops"):
         resolve_schedule(load_config(base={"stages": {"a": {"init": "b", "trainable": ["lm"], "losses": {"base": 1}},
                                                       "b": {"init": "a", "trainable": ["lm"], "losses": {"base": 1}}}}))
+
+
+def test_evaluating_a_stage_without_loss_base_is_refused_unless_forced(tmp_path: Path, eim_overrides):
+    run = tmp_path / "run"
+    assert cli("build-queues", "-q", *eim_overrides).exit_code == 0
+    assert cli("train-stage", "st", "--run-dir", str(run), "-q", *eim_overrides).exit_code == 0
+    refused = cli("evaluate", "coco", "--run-dir", str(run), "--stage", "st", "-q")
+    assert refused.exit_code == 1 and "without loss_base" in refused.output
+    assert "(base, base-ie)" in refused.output and "--force" in refused.output   # the stages that can be scored
+    assert not (run / "eval").exists()
+    forced = cli("evaluate", "coco", "--run-dir", str(run), "--stage", "st", "-q", "--force",
+                 "eval.max_new_tokens=4", "eval.fixed_caption_candidates=3")
+    assert forced.exit_code == 0, forced.output
+
+
+def test_the_suggested_commands_run_as_printed(tmp_path: Path, eim_overrides):
+    import re
+    import shlex
+    run = str(tmp_path / "run")
+    # no queues yet: the hint names build-queues with this command line's overrides
+    missing_queues = cli("train-stage", "st", "--run-dir", run, *eim_overrides)
+    command = re.search(r"run `(eimctl build-queues[^`]*)` first", missing_queues.output).group(1)
+    assert cli(*shlex.split(command)[1:], "-q").exit_code == 0
+    # lm before st: the hint names the st stage, complete with the config, and it runs as printed
+    refused = cli("train-stage", "lm", "--run-dir", run, *eim_overrides)
+    command = re.search(r"run `(eimctl train-stage st[^`]*)` first", refused.output).group(1)
+    assert "<same config>" not in command and "model.projector.type=ffn" in command
+    assert cli(*shlex.split(command)[1:], "-q").exit_code == 0
+    assert cli("train-stage", "lm", "--run-dir", run, "-q", *eim_overrides).exit_code == 0

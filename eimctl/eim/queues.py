@@ -45,10 +45,11 @@ def encoder_name(config, kind_name: str) -> str:
     return config.model.clip.name if KIND_BY_NAME[kind_name].encoder == "clip" else config.model.lm.name
 
 
-def require_queues(config, train, names: list[str]) -> dict:
-    """Open the named queues memory-mapped, after checking they match this data set and models."""
+def require_queues(config, train, names: list[str], config_args: str = " <same config>") -> dict:
+    """Open the named queues memory-mapped, after checking they match this data set and models.
+    `config_args` (the command line's --config files and overrides) completes the suggested command."""
     folder = queue_folder(config, train)
-    require_upstream(folder, "key queues for this data set and models", "eimctl build-queues <same config>",
+    require_upstream(folder, "key queues for this data set and models", f"eimctl build-queues{config_args}",
                      {"queues": queue_fingerprint(config, train)}, missing="have not been built")
     keys = {}
     for name in names:

@@ -118,3 +118,22 @@ def training_order(config) -> list[StageSpec]:
     for name in specs:
         visit(name)
     return ordered
+
+
+def recipe_commands(config, config_args: str, run_dir: str, launcher: str = "") -> list[str]:
+    """The whole recipe as shell commands, in order: build-queues (when a stage reads a queue), every
+    stage, the evaluation of every stage trained with loss_base (the others generate nothing), the
+    report. `launcher` prefixes the compute steps (for multi-process launchers; every step runs as one
+    process today, so the CLI passes none)."""
+    specs = training_order(config)
+    prefix = f"{launcher} " if launcher else ""
+    lines = [f"{prefix}eimctl build-queues{config_args}"] if any(spec.queues for spec in specs) else []
+    for spec in specs:
+        losses = " + ".join(f"{w:g}*loss_{n}" for n, w in spec.losses.items())
+        lines.append(f"{prefix}eimctl train-stage {spec.name} --run-dir {run_dir}{config_args}"
+                     f"    # from {spec.init}; trains {', '.join(spec.trainable)} by {losses}")
+    for spec in specs:
+        if "base" in spec.losses:
+            lines.append(f"{prefix}eimctl evaluate {config.data.task} --run-dir {run_dir} --stage {spec.name}")
+    lines.append(f"eimctl report {run_dir}")
+    return lines

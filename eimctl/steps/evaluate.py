@@ -25,8 +25,21 @@ from eimctl.runtime.weights import WEIGHTS
 from eimctl.tasks import get_task
 
 
-def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None):
-    """(config, model in eval mode, the stage's manifest) of a complete stage."""
+def _refuse_non_generating(stage: str, manifest: dict, specs: dict, where: Path) -> None:
+    """A stage trained without loss_base (st, lm) was never taught to generate: scoring it says nothing."""
+    trained_by = manifest.get("losses") or {}
+    if "base" in trained_by:
+        return
+    generating = [name for name, spec in specs.items() if "base" in spec.losses]
+    raise EimError(f"stage '{stage}' was trained by {', '.join(f'loss_{n}' for n in trained_by)} only, without "
+                   "loss_base, so it was never taught to generate", where=str(where),
+                   hint=f"evaluate a stage trained with loss_base ({', '.join(generating) or 'none in this schedule'}),"
+                        " or pass --force to score it anyway")
+
+
+def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None, *, force: bool = False):
+    """(config, model in eval mode, the stage's manifest) of a complete stage; a stage that cannot
+    generate is refused unless `force`."""
     folder = stage_dir(run_dir, stage)
     for item in overrides or []:
         if not item.startswith(("eval.", "train.device=")):
@@ -34,7 +47,10 @@ def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None):
                            hint="model and data come from the trained stage's manifest")
     manifest = require_upstream(folder, f"stage '{stage}'", f"eimctl train-stage {stage} --run-dir {run_dir}")
     config: Config = load_config(base=manifest["config"], overrides=overrides)
-    groups, losses = schedule_uses(resolve_schedule(config))
+    specs = resolve_schedule(config)
+    if not force:
+        _refuse_non_generating(stage, manifest, specs, folder)
+    groups, losses = schedule_uses(specs)
     model, _ = build_model(config, groups=groups, losses=losses, weights=folder / "final" / WEIGHTS)
     model.eval()
     model.requires_grad_(False)  # nothing trains here (and a frozen CLIP reads the feature cache)
@@ -46,7 +62,7 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
     """Generate and score; returns the evaluation folder (skipped when complete with the same inputs)."""
     started = time.time()
     task, options = get_task(task_name, where="eimctl evaluate TASK"), options or {}
-    config, model, upstream = load_trained(run_dir, stage, overrides)
+    config, model, upstream = load_trained(run_dir, stage, overrides, force=force)
     out = eval_dir(run_dir, stage, task.name)
     fingerprints = {"upstream": fingerprint(upstream["fingerprints"]), "eval": fingerprint(vars(config.eval)),
                     **{key: str(value or "") for key, value in options.items()}}

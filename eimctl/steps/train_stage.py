@@ -41,8 +41,10 @@ class StageRecipe:
     """One stage: setup -> fit -> save. `config` is the run's (shared by its stages and fingerprinted);
     `train` is its train section with the stage's own `train:` overrides applied."""
 
-    def __init__(self, config: Config, run_dir: Path, stage: str, *, show: bool = True):
+    def __init__(self, config: Config, run_dir: Path, stage: str, *, show: bool = True,
+                 config_args: str = " <same config>"):
         self.config, self.run_dir, self.show = config, Path(run_dir), show
+        self.config_args = config_args  # the command line's --config files and overrides, for suggested commands
         self.schedule = resolve_schedule(config)
         self.spec = stage_spec(self.schedule, stage)
         self.train = with_overrides(config, {"train": self.spec.train}, f"stages.{stage}.train").train
@@ -56,7 +58,7 @@ class StageRecipe:
             return None
         init_dir = stage_dir(self.run_dir, self.spec.init)
         require_upstream(init_dir, f"stage '{self.spec.init}' (which '{self.spec.name}' starts from)",
-                         f"eimctl train-stage {self.spec.init} --run-dir {self.run_dir} <same config>",
+                         f"eimctl train-stage {self.spec.init} --run-dir {self.run_dir}{self.config_args}",
                          {"config": self.config_fp})
         return init_dir / "final" / WEIGHTS
 
@@ -65,7 +67,7 @@ class StageRecipe:
         init_weights = self.init_weights()
         task = get_task(config.data.task)
         self.data = task.read(config.data, "train")
-        queues = require_queues(config, self.data, spec.queues) if spec.queues else {}
+        queues = require_queues(config, self.data, spec.queues, self.config_args) if spec.queues else {}
         if config.eim.center_keys:
             queues = centred_queues(queues, self.show)
         self.related = related_rows(self.data.samples, config.eim)  # None: the paper's InfoNCE
@@ -139,9 +141,10 @@ class StageRecipe:
 
 
 def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = False, resume: str = "auto",
-                show: bool = True) -> Path:
-    """Train `stage` unless it is already complete with this config; returns its folder."""
-    recipe = StageRecipe(config, run_dir, stage, show=show)
+                show: bool = True, config_args: str = " <same config>") -> Path:
+    """Train `stage` unless it is already complete with this config; returns its folder. `config_args`
+    (e.g. " --config a.yaml train.lr=1e-4") makes the commands that errors suggest runnable as printed."""
+    recipe = StageRecipe(config, run_dir, stage, show=show, config_args=config_args)
     if skip_or_run(recipe.out, f"stage '{stage}'", {"config": recipe.config_fp}, force=force,
                    on_mismatch="refuse") == "skip":
         log(f"stage '{stage}' is already complete in {recipe.out} (same config) — skipping; --force retrains it",
