@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from eimctl.runtime.errors import EimError, report_and_exit
+from eimctl.runtime.interrupts import Interrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and evaluate CLIP + projector + LM models with EIM.\n\n"
@@ -25,8 +27,12 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _options(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                          help="Print the version and exit.")) -> None:
+                                          help="Print the version and exit."),
+             verbose: bool = typer.Option(False, "--verbose", help="Show third-party download logs, retries "
+                                                                   "and progress bars (EIMCTL_VERBOSE=1).")) -> None:
     """Train and evaluate CLIP + projector + LM models with EIM."""
+    if verbose:
+        os.environ["EIMCTL_VERBOSE"] = "1"
 
 
 def user_errors(command):
@@ -38,6 +44,9 @@ def user_errors(command):
         except (EimError, Exception) as error:  # noqa: B014 — both are reported the same way
             if isinstance(error, (typer.Exit, typer.Abort, SystemExit, KeyboardInterrupt)):
                 raise
+            if isinstance(error, Interrupted):  # stopped by a signal after a checkpoint: one line, 128 + signal
+                print(error.line(), file=sys.stderr)
+                sys.exit(error.exit_code)
             report_and_exit(error)
     return wrapper
 

@@ -58,6 +58,7 @@ class TrainConfig:
     seed: int = 42
     checkpoint_every: int = 1000     # optimizer steps between checkpoints
     keep_checkpoints: int = 2
+    checkpoint_minutes: float = 0.0  # also checkpoint after this much wall time since the last one; 0 = off
     log_every: int = 50
     device: str = "auto"             # auto | cpu | cuda
     feature_cache: bool = True       # encode each image once when CLIP is frozen
@@ -65,6 +66,7 @@ class TrainConfig:
     pin_memory: bool = True          # page-locked batches for faster host-to-GPU copies (CUDA only)
     precision: str = "fp32"          # fp32 | bf16 (autocast to bfloat16; the InfoNCE stays float32)
     compile: bool = False            # torch.compile the projector and the LM (first steps compile)
+    loggers: str = "jsonl"           # jsonl (metrics.jsonl only) | tensorboard (also <stage>/tensorboard/ events)
 
 
 @dataclass
@@ -126,6 +128,7 @@ CHOICES = {
     "model.projector.type": {"mlp", "ffn", "transformer"},
     "train.device": {"auto", "cpu", "cuda"},
     "train.precision": {"fp32", "bf16"},
+    "train.loggers": {"jsonl", "tensorboard"},
     "eim.queue_placement": {"auto", "host", "device"},
     "eim.device_queue_dtype": {"float32", "float16"},
     "eval.split": {"train", "val", "test"},
@@ -144,11 +147,12 @@ POSITIVE = {"data.max_caption_tokens", "model.projector.prefix_length", "model.p
             "eim.diagnostic_rows", "eval.diagnostic_samples"}
 NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.weight_decay",
                 "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed",
-                "eim.prompt_tokens", "eim.chunk_rows", "eim.prompt_hidden", "eim.prompt_lr"}
+                "train.checkpoint_minutes", "eim.prompt_tokens", "eim.chunk_rows", "eim.prompt_hidden", "eim.prompt_lr"}
 # Keys that change how a step runs but not what it produces.
-NOT_FINGERPRINTED = {"train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
-                     "train.keep_checkpoints", "train.pin_memory", "train.compile", "eval.batch_size",
-                     "eim.queues_dir", "eim.chunk_rows", "eim.queue_placement",
+NOT_FINGERPRINTED = {"train.loggers",
+                     "train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
+                     "train.checkpoint_minutes", "train.keep_checkpoints", "train.pin_memory", "train.compile",
+                     "eval.batch_size", "eim.queues_dir", "eim.chunk_rows", "eim.queue_placement",
                      "eim.device_queue_dtype", "eim.duplicate_cosine", "eim.diagnostic_rows"}
 
 

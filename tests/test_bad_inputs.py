@@ -67,6 +67,7 @@ def write_rows(data: Path, records: list[dict]) -> None:
 def test_missing_image(tmp_path, data, over):
     (data / "images/train-0.png").unlink()
     fails(train(tmp_path, over), "image not found: images/train-0.png", tmp_path, tmp_path / "run/stages/base")
+    assert not (tmp_path / "run/stages/base").exists()   # not even config.yaml: the stage never started
 
 
 def test_unreadable_image(tmp_path, data, over, monkeypatch):

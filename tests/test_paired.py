@@ -47,3 +47,29 @@ def test_aggregate_gives_mean_and_spread_of_metrics_and_diagnostics():
     assert entry["metrics"]["image_use_gap"] == pytest.approx((0.3, math.sqrt(0.02)))
     table = aggregate_markdown([entry])
     assert "Val NLL" in table and "Image gap" in table and "42.00 ± 2.83" in table
+
+
+def test_summary_table_has_a_row_per_configuration_and_paired_deltas():
+    from eimctl.evaluate.aggregate import summary_markdown
+    def row(origin, group, stage, bleu, cider, baseline=False):
+        return ReportRow(run=group, stage=stage, benchmark="coco (fixed caption)" if baseline else "coco",
+                         metrics={"Bleu_4": bleu, "CIDEr": cider}, group=group, origin=origin, is_baseline=baseline)
+    rows = [row("s1", "clipcap", "base", 0.40, 1.00), row("s1", "eim", "base-ie", 0.42, 1.10),
+            row("s2", "clipcap", "base", 0.30, 1.20), row("s2", "eim", "base-ie", 0.31, 1.00),
+            row("s1", "clipcap", "base", 0.10, 0.50, baseline=True)]
+    table = summary_markdown(rows, ("clipcap", "base"))
+    assert "| clipcap / base | 2 | 35.00 ± 7.07 | 110.00 ± 14.14 | baseline | baseline |" in table
+    assert "| eim / base-ie | 2 | 36.50 ± 7.78 | 105.00 ± 7.07 | +1.50 ± 0.71 | -5.00 ± 21.21 |" in table
+    assert table.count("best single fixed caption") == 1
+
+
+def test_the_score_chart_and_the_loss_overlay_are_drawn(tmp_path):
+    from eimctl.evaluate.plots import plot_loss_overlay, plot_scores
+    aggregated = [{"group": "clipcap", "stage": "base", "benchmark": "coco", "n": 2,
+                   "metrics": {"Bleu_4": (35.0, 1.0), "CIDEr": (110.0, 3.0)}}]
+    assert plot_scores(aggregated, tmp_path / "scores.png")
+    curves = {("clipcap", "base"): [{"epoch": 0.5, "loss_base": 2.0}, {"epoch": 1.0, "loss_base": 1.5}],
+              ("eim", "base-ie"): [{"epoch": 0.5, "loss_base": 2.2, "loss_ie": 3.0}, {"epoch": 1.0, "loss_base": 1.4}]}
+    assert plot_loss_overlay(curves, tmp_path / "overlay.png")
+    assert (tmp_path / "overlay.png").read_bytes()[:4] == b"\x89PNG"
+    assert not plot_loss_overlay({("eim", "st"): [{"epoch": 1.0, "loss_st": 5.0}]}, tmp_path / "none.png")

@@ -94,7 +94,12 @@ def test_report_markdown_and_plots(run_dir, tmp_path):
         assert png.read_bytes()[:8] == PNG_SIGNATURE
         height, width, _ = matplotlib.image.imread(png).shape
         assert (width, height) == (700, 400)
-    assert sorted(p.name for p in out.iterdir()) == ["loss_eim_base-ie.png", "loss_eim_st.png", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["loss_eim_base-ie.png", "loss_eim_st.png", "report.md",
+                                                     "scores.png"]
+    # the Table 4-shaped summary comes first: one row per configuration, the floor once
+    assert markdown.index("## Summary") < markdown.index("## Results")
+    assert "| eim / base-ie | 1 | 31.00 | 100.00 |" in markdown
+    assert "| best single fixed caption | | 5.00 | 12.30 | | | | |" in markdown
 
 
 def test_incomplete_evaluation_is_skipped(run_dir, tmp_path):
@@ -180,3 +185,22 @@ def test_evaluation_without_diagnostics_falls_back_to_the_stage_and_unlisted_fil
     markdown = write_report([run_dir], tmp_path / "report").read_text()
     assert "| 1.500 | +0.750 |" in markdown and "7.000" not in markdown
     assert "## Diagnostics" in markdown and "- eim / base-ie" not in markdown   # nothing but the val figures
+
+
+def test_floor_and_notes_once_across_runs(run_dir, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    rows = collect_rows([run_dir, other])
+    assert sum(row.is_baseline for row in rows) == 1          # the benchmark's floor: one row
+    out = write_report([run_dir, other], tmp_path / "report")
+    text = out.read_text()
+    assert text.count("SPICE not computed") == 1 and text.count("best single caption for CIDEr") == 1
+
+
+def test_the_completion_line_states_the_final_loss_the_report_shows(tmp_path):
+    from eimctl.steps.train_stage import final_losses_text
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 3.25, "loss_base": 1.0, "loss_ie": 2.25}\n')
+    assert final_losses_text(path) == ("final loss 3.2500 = loss_base 1.0000 + loss_ie 2.2500 "
+                                       "(mean of the last log interval)")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -78,3 +80,17 @@ def test_resume_never_refuses_existing_checkpoints(tmp_path: Path, tiny_override
     assert result.returncode == 1
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ")
     assert "--resume auto" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_tensorboard_logger_writes_the_same_curves(tmp_path: Path, tiny_overrides):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train-stage", "base", "--run-dir", str(run), "-q", *tiny_overrides,
+                                 "train.loggers=tensorboard"])
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(run / "stages/base/tensorboard"))
+    events.Reload()
+    logged = [json.loads(line) for line in (run / "stages/base/metrics.jsonl").read_text().splitlines()]
+    scalars = events.Scalars("loss")
+    assert [s.step for s in scalars] == [r["step"] for r in logged]
+    assert [s.value for s in scalars] == pytest.approx([r["loss"] for r in logged], rel=1e-6)

@@ -92,3 +92,51 @@ def paired_markdown(rows: list[ReportRow], baseline: tuple[str, str]) -> str:
     return "\n".join(lines)
 
 
+
+
+def _cell(stats: tuple[float, float] | None, n: int, decimals: int = 2) -> str:
+    if stats is None:
+        return ""
+    return f"{stats[0]:.{decimals}f} ± {stats[1]:.{decimals}f}" if n > 1 else f"{stats[0]:.{decimals}f}"
+
+
+def _delta(entry: dict, base: dict | None, paired: dict | None, metric: str) -> str:
+    """Δ vs the baseline ×100: paired over seeds when the runs pair up, else the difference of means."""
+    if paired and metric in paired["metrics"]:
+        stats = paired["metrics"][metric]
+        return f"{stats['mean']:+.2f}" + (f" ± {stats['std']:.2f}" if stats["std"] is not None else "")
+    if base is None or metric not in entry["metrics"] or metric not in base["metrics"]:
+        return ""
+    return f"{entry['metrics'][metric][0] - base['metrics'][metric][0]:+.2f}"
+
+
+def summary_markdown(rows, baseline: tuple[str, str]) -> str:
+    """One compact table per benchmark in the paper's Table 4 shape: a row per configuration (run folder
+    / stage), BLEU-4 and CIDEr (mean ± std when several seeds), Δ vs the baseline, val NLL and image-use
+    gap; the benchmark's fixed-caption floor once, last."""
+    aggregated = aggregate_rows(rows)
+    paired = {(p["group"], p["stage"], p["benchmark"]): p for p in paired_differences(rows, baseline)}
+    benchmarks = list(dict.fromkeys(a["benchmark"] for a in aggregated if "(fixed caption)" not in a["benchmark"]))
+    blocks = []
+    for benchmark in benchmarks:
+        entries = [a for a in aggregated if a["benchmark"] == benchmark]
+        base = next((a for a in entries if (a["group"], a["stage"]) == baseline), None)
+        lines = [f"### {benchmark}", "", "| Configuration | n | BLEU-4 ×100 | CIDEr ×100 | Δ BLEU-4 | Δ CIDEr | "
+                 "Val NLL | Image gap |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for entry in entries:
+            is_base = entry is base
+            get = entry["metrics"].get
+            deltas = ["baseline"] * 2 if is_base else [
+                _delta(entry, base, paired.get((entry["group"], entry["stage"], benchmark)), m) for m in ("Bleu_4", "CIDEr")]
+            lines.append(f"| {entry['group']} / {entry['stage']} | {entry['n']} | {_cell(get('Bleu_4'), entry['n'])} | "
+                         f"{_cell(get('CIDEr'), entry['n'])} | {deltas[0]} | {deltas[1]} | "
+                         f"{_cell(get('val_nll'), entry['n'], 3)} | {_cell(get('image_use_gap'), entry['n'], 3)} |")
+        floor = next((a for a in aggregated if a["benchmark"] == f"{benchmark} (fixed caption)"), None)
+        if floor:
+            lines.append(f"| best single fixed caption | | {_cell(floor['metrics'].get('Bleu_4'), 1)} | "
+                         f"{_cell(floor['metrics'].get('CIDEr'), 1)} | | | | |")
+        if base is None:
+            lines += ["", f"(No baseline {baseline[0]}/{baseline[1]} among these runs: Δ left empty; "
+                          "choose one with `eimctl report --baseline RUN:STAGE`.)"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

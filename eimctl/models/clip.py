@@ -11,12 +11,14 @@ loss_IE's CLIP tuning module is either the prompt network of eimctl/models/clip_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from eimctl.models.clip_tuning import PromptNetworkSpec, prompt_network_for, visual_with_offsets
 from eimctl.runtime.errors import EimError
+from eimctl.runtime.hub import hub_online, offline_reason, quiet_loading, short
 
 
 @dataclass
@@ -42,35 +44,46 @@ def encoder_overrides(encoder: str | None) -> list[str]:
     return [f"model.clip.name={encoder}"]
 
 
+def _needs_hub(cfg: ClipConfig) -> bool:
+    """Whether open_clip may fetch from the hub: an `hf-hub:` name, or a pretrained tag (not a file)."""
+    if cfg.name.startswith(("hf-hub:", "local-dir:")):
+        return cfg.name.startswith("hf-hub:")
+    return bool(cfg.pretrained) and not Path(cfg.pretrained).is_file()
+
+
 def _create_open_clip(cfg: ClipConfig):
     import open_clip
 
     pretrained = cfg.pretrained or None
     if cfg.name.startswith(("hf-hub:", "local-dir:")):
         pretrained = None  # open_clip reads weights from the schema source itself
+    online = hub_online() if _needs_hub(cfg) else True
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
+        with quiet_loading():
+            model, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
+            tokenizer = open_clip.get_tokenizer(cfg.name)
     except RuntimeError as error:
         if "not found" in str(error).lower() and "config" in str(error).lower():
             raise EimError(f"unknown open_clip model '{cfg.name}'", where="model.clip.name",
                            hint="use a name from open_clip.list_models(), 'hf-hub:org/repo' or 'local-dir:/path'") from None
-        raise _weights_error(cfg, error) from None
+        raise _weights_error(cfg, error, online) from None
     except (OSError, ValueError) as error:
-        raise _weights_error(cfg, error) from None
+        raise _weights_error(cfg, error, online) from None
     except Exception as error:  # huggingface_hub raises its own connection errors
         if "hub" in type(error).__module__ or "connect" in str(error).lower():
-            raise _weights_error(cfg, error) from None
+            raise _weights_error(cfg, error, online) from None
         raise
-    tokenizer = open_clip.get_tokenizer(cfg.name)
     return model, preprocess, tokenizer
 
 
-def _weights_error(cfg: ClipConfig, error: Exception) -> EimError:
+def _weights_error(cfg: ClipConfig, error: Exception, online: bool) -> EimError:
     source = cfg.name if not cfg.pretrained else f"{cfg.name} / {cfg.pretrained}"
-    return EimError(f"cannot obtain CLIP weights for {source}: {str(error).splitlines()[0][:160]}",
-                    where="model.clip",
-                    hint="download them once with network access (cached under ~/.cache/huggingface), "
-                         "or set model.clip.pretrained to a local checkpoint file, or use 'local-dir:/path'")
+    why = f"{offline_reason()} and they are not in the local cache" if not online else short(str(error))
+    return EimError(f"cannot obtain CLIP weights for {source}: {why}", where="model.clip",
+                    hint="supply them one of three ways: download them once with network access (into the "
+                         "Hugging Face cache, ~/.cache/huggingface), or set model.clip.pretrained to a local "
+                         "checkpoint file, or set model.clip.name to 'local-dir:/path' (open_clip_config.json "
+                         "+ weights)")
 
 
 class ClipEncoder(nn.Module):

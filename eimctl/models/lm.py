@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eimctl.runtime.errors import EimError
+from eimctl.runtime.hub import hub_online, offline_reason, quiet_loading, short
 
 
 @dataclass
@@ -32,14 +33,19 @@ def load_lm(cfg: LMConfig):
             raise EimError(f"GGUF file not found: {Path(cfg.name) / cfg.gguf_file}", where="model.lm.gguf_file",
                            hint="model.lm.name must be the folder holding the file")
         kwargs["gguf_file"] = cfg.gguf_file
+    online = hub_online() if not Path(cfg.name).is_dir() else True
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(cfg.name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(cfg.name, **kwargs)
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise EimError(f"cannot load language model '{cfg.name}': {first}", where="model.lm.name",
-                       hint="give a local directory with config + weights + tokenizer, or download the id once "
-                            "with network access; remote code needs model.lm.trust_remote_code=true") from None
+        why = f"{offline_reason()} and it is not in the local cache" if not online else \
+            (short(str(error), 200) or type(error).__name__)
+        raise EimError(f"cannot load language model '{cfg.name}': {why}", where="model.lm.name",
+                       hint="supply it one of three ways: download the id once with network access (into the "
+                            "Hugging Face cache, ~/.cache/huggingface), or set model.lm.name to a local "
+                            "directory with config + weights + tokenizer, or a GGUF file in that directory via "
+                            "model.lm.gguf_file; remote code needs model.lm.trust_remote_code=true") from None
     if tokenizer.eos_token_id is None:
         raise EimError(f"the tokenizer of '{cfg.name}' has no eos token", where="model.lm.name",
                        hint="captions end with eos; use a tokenizer that defines one")

@@ -21,17 +21,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from matplotlib.figure import Figure
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from eimctl.runtime.atomic import atomic_path, write_text
+from eimctl.runtime.atomic import write_text
 from eimctl.runtime.errors import EimError
 from eimctl.evaluate.diagnostic_figures import (diagnostic_columns, diagnostics_section, read_stage_diagnostics,
                                                val_figures)
 from eimctl.evaluate.aggregate import (CAPTION_METRICS, aggregate_markdown, aggregate_rows, format_seconds,
-                                       paired_markdown)
+                                       paired_markdown, summary_markdown)
+from eimctl.evaluate.plots import plot_loss_overlay, plot_scores, plot_stage_losses
 from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.rundir import step_status
 
@@ -123,6 +123,8 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
             notes.append(f"{label} skipped: metrics.json unreadable ({type(error).__name__})")
             continue
         stage, benchmark = str(result.get("stage", folder.name)), str(result.get("benchmark", "?"))
+        if result.get("dataset"):  # the data it was scored on: the demo's scenes are not COCO
+            benchmark = f"{benchmark} on {result['dataset']}"
         trained = stage_rows.get(stage, ReportRow(run=run, stage=stage))
         eval_rows.append(ReportRow(
             run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
@@ -130,7 +132,7 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
             final_loss=trained.final_loss, group=run_dir.name,
             diagnostics=val_figures(result.get("diagnostics"), trained.diagnostics)))
         for metric, reason in sorted(result.get("unavailable", {}).items()):
-            notes.append(f"{label}: {metric} not computed — {reason}")
+            notes.append(f"{benchmark} {result.get('split', '')}: {metric} not computed — {reason}")
         baseline = result.get("fixed_caption_baseline") or {}
         if baseline:
             eval_rows.append(ReportRow(
@@ -138,7 +140,8 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
                 split=str(result.get("split", "")), is_baseline=True,
                 metrics={metric: entry.get("score") for metric, entry in baseline.items()}))
             for metric, entry in sorted(baseline.items()):
-                notes.append(f"{label}: best single caption for {metric}: \"{entry.get('caption')}\"")
+                notes.append(f"{benchmark} {result.get('split', '')}: best single caption for {metric}: "
+                             f"\"{entry.get('caption')}\"")
     return eval_rows
 
 
@@ -166,7 +169,20 @@ def _collect(run_dirs: list[Path]) -> _Collected:
         for row in run_rows:
             row.origin = str(run_dir.resolve().parent)
         rows.extend(sorted(run_rows, key=lambda r: _stage_sort_key(r.stage)))
-    return _Collected(rows=rows, notes=notes, curves=curves, diagnostics=diagnostics)
+    # A benchmark's floor and its notes are the same for every evaluation on the same split: once each.
+    return _Collected(rows=_floors_once(rows), notes=list(dict.fromkeys(notes)), curves=curves,
+                      diagnostics=diagnostics)
+
+
+def _floors_once(rows: list[ReportRow]) -> list[ReportRow]:
+    seen, kept = set(), []
+    for row in rows:
+        key = (row.benchmark, row.split, tuple(sorted(row.metrics.items())))
+        if row.is_baseline and key in seen:
+            continue
+        seen.add(key)
+        kept.append(row)
+    return kept
 
 
 def collect_rows(run_dirs: list[Path]) -> list[ReportRow]:
@@ -236,30 +252,20 @@ def _safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
-def _plot_losses(run: str, stage: str, records: list[dict], path: Path) -> bool:
-    """One PNG per stage: every loss* / val_loss* series against the step. False if nothing to plot."""
-    keys = sorted({key for record in records for key, value in record.items()
-                   if key.startswith(("loss", "val_loss")) and _is_number(value)})
-    if not keys:
-        return False
-    # Figure without pyplot: no global backend switch, no state shared with other code (renders with Agg).
-    figure = Figure(figsize=(7, 4), dpi=100)
-    axes = figure.add_subplot()
-    for key in keys:
-        points = [(record.get("step", index), record[key]) for index, record in enumerate(records)
-                  if _is_number(record.get(key))]
-        steps, values = zip(*points)
-        # Validation losses come every few hundred steps: show the points, not just a line.
-        axes.plot(steps, values, label=key, marker="o" if key.startswith("val_") or len(points) < 20 else None)
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title(f"{run} — stage {stage}")
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png")
-    return True
+def _summary(collected: _Collected, out_dir: Path, baseline: tuple[str, str]) -> list[str]:
+    """The report's first section: the Table 4-shaped summary, the score chart and the loss overlay."""
+    lines = ["## Summary", "",
+             f"One row per configuration (run folder / stage); several seeds give mean ± sample std and Δ is "
+             f"paired seed by seed against {baseline[0]}/{baseline[1]} (×100).", "",
+             summary_markdown(collected.rows, baseline), ""]
+    if plot_scores(aggregate_rows(collected.rows), out_dir / "scores.png"):
+        lines += ["![scores with the seed spread](scores.png)", ""]
+    group_of = {row.run: row.group or row.run for row in collected.rows}
+    if plot_loss_overlay(collected.curves, out_dir / "loss_base_overlay.png", group_of=group_of,
+                         baseline=f"{baseline[0]} / {baseline[1]}"):
+        lines += ["![loss_base of every stage trained with it, baseline and EIM on the same axes]"
+                  "(loss_base_overlay.png)", ""]
+    return lines
 
 
 def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,
@@ -275,10 +281,12 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,
     plots: list[tuple[str, str, str]] = []
     for (run, stage), records in collected.curves.items():
         name = f"loss_{_safe_name(run)}_{_safe_name(stage)}.png"
-        if _plot_losses(run, stage, records, out_dir / name):
+        if plot_stage_losses(run, stage, records, out_dir / name):
             plots.append((run, stage, name))
 
     lines = ["# eimctl report", "", "Runs: " + ", ".join(f"`{Path(p)}`" for p in run_dirs), ""]
+    if collected.rows:
+        lines += _summary(collected, out_dir, baseline)
     if aggregate and collected.rows:
         lines += ["## Mean ± spread over runs", "",
                   "Runs whose folders share a name (one recipe, several seeds) are grouped; each cell is "
@@ -293,7 +301,9 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,
         lines += ["## Results", "",
                   "Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE) are ×100, as in papers; "
                   "other metrics as the benchmark reports them. Train time is the stage's wall time "
-                  "(h:mm:ss); final loss is the last logged training loss. A \"fixed caption\" row scores "
+                  "(h:mm:ss); final loss is the mean training loss of the last log interval (the figure a "
+                  "stage prints when it completes; with several losses, their weighted sum). A \"fixed "
+                  "caption\" row scores "
                   "one caption predicted for every image (each metric picks its own best caption), "
                   "a floor to beat.", "", _markdown_table(collected.rows), ""]
     else:

@@ -11,6 +11,7 @@ model, queues, batches) -> fit (eimctl/train/loop.py) -> save (weights, manifest
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from eimctl.evaluate.diagnostic_figures import DIAGNOSTICS_FILE
 from eimctl.models.factory import build_model, learning_rates_by_prefix, set_trainable
 from eimctl.runtime.atomic import write_json, write_text
 from eimctl.runtime.device import resolve_device
+from eimctl.runtime.interrupts import Interrupted
+from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.progress import log
 from eimctl.runtime.rundir import require_upstream, skip_or_run, stage_dir, write_manifest
 from eimctl.runtime.weights import WEIGHTS, save_weights
@@ -135,9 +138,21 @@ class StageRecipe:
                               "losses": spec.losses, "summary": summary, "device": str(self.device),
                               **self.clip_tuning})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # final/ holds the result now
-        log(f"stage '{spec.name}' complete: {summary['steps']} steps, final loss {summary['final_loss']:.4f} "
+        log(f"stage '{spec.name}' complete: {summary['steps']} steps, {final_losses_text(out / 'metrics.jsonl')} "
             f"-> {out}", self.show)
         return out
+
+
+def final_losses_text(metrics_path: Path) -> str:
+    """The last logged interval's losses, as `eimctl report` shows them: "final loss 0.6903 (mean of the
+    last log interval)", with each loss named when the stage has several ("= loss_base 0.71 + loss_ie 2.44")."""
+    records, _ = read_jsonl(metrics_path, tolerant=True)
+    if not records or "loss" not in records[-1]:
+        return "no loss logged"
+    last = records[-1]
+    parts = [f"{name} {value:.4f}" for name, value in last.items() if name.startswith("loss_")]
+    named = f" = {' + '.join(parts)}" if len(parts) > 1 else ""
+    return f"final loss {last['loss']:.4f}{named} (mean of the last log interval)"
 
 
 def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = False, resume: str = "auto",
@@ -155,5 +170,10 @@ def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = Fals
         shutil.rmtree(recipe.out)
     if recipe.diagnostics is not None:
         recipe.diagnostics.before_training()  # the lm stage's text-only NLL of the weights it starts from
-    summary = recipe.fit(resume)
+    try:
+        summary = recipe.fit(resume)
+    except Interrupted as stop:  # checkpoint saved: say how to continue, runnable as printed
+        resume_with = (f"eimctl train-stage {shlex.quote(stage)} --run-dir {shlex.quote(str(run_dir))}"
+                       f"{recipe.config_args}")
+        raise Interrupted(stop.signal_number, stop.step, stop.total, stop.checkpoint, resume_with) from None
     return recipe.save(summary)

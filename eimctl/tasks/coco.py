@@ -69,7 +69,8 @@ class CocoCaptioning:
     def score(self, predictions: dict, split, config, options: dict) -> dict:
         references = split.references()
         scores = score_captions(predictions, references, spice_jars=options.get("spice_jars"))
-        result = {"benchmark": self.name, "split": split.name, "beam_size": config.eval.beam_size,
+        result = {"benchmark": self.name, "dataset": config.data.path, "split": split.name,
+                  "beam_size": config.eval.beam_size,
                   "metrics": scores["metrics"], "unavailable": scores.get("unavailable", {}),
                   "n_images": len(split.images())}
         if config.eval.fixed_caption_baseline:

@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from eimctl.runtime import faults
 from eimctl.runtime.atomic import write_text
 from eimctl.runtime.errors import EimError
+from eimctl.runtime.interrupts import Interrupted, StopSignals
 from eimctl.runtime.progress import StepProgress, log
 from eimctl.runtime.weights import WEIGHTS, load_weights
+from eimctl.train.loggers import MetricsSink
 from eimctl.train.checkpoint import list_checkpoints, load_state, save_checkpoint
 
 
@@ -189,8 +191,7 @@ def _accumulate(interval: dict, losses: dict, step: int, plan: Plan, scheduler, 
               **{k: v / interval["count"] for k, v in interval["sum"].items()},
               "lr": scheduler.get_last_lr()[0], "elapsed_s": round(elapsed, 3),
               "samples_per_s": round(samples_seen / max(elapsed, 1e-9), 2)}
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
+    metrics.log(record)
     return {"sum": {}, "count": 0}
 
 
@@ -219,7 +220,8 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
                         generator=torch.Generator().manual_seed(cfg.seed))
     progress = StepProgress(f"train {stage}", plan.total_steps, start=step, log_every=cfg.log_every, enabled=show)
     started, samples_seen, last_losses = time.time(), 0, {}
-    with open(metrics_path, "a", encoding="utf-8") as metrics:
+    saved_at = time.monotonic()  # train.checkpoint_minutes counts from here
+    with MetricsSink(metrics_path, cfg.loggers, out_dir) as metrics, StopSignals() as stop:
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             with autocast:
@@ -231,12 +233,17 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
             interval = _accumulate(interval, last_losses, step, plan, scheduler, metrics, started, samples_seen,
                                    cfg.log_every)
             progress.update(step, f"loss {last_losses['loss']:.4f}")
-            if step % cfg.checkpoint_every == 0 and step < plan.total_steps:
+            minutes_due = cfg.checkpoint_minutes and time.monotonic() - saved_at >= cfg.checkpoint_minutes * 60
+            if step < plan.total_steps and (step % cfg.checkpoint_every == 0 or minutes_due or stop.signal):
                 metrics.flush()
-                save_checkpoint(checkpoints, step, model, {
+                folder = save_checkpoint(checkpoints, step, model, {
                     "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": _rng_state(), "interval": interval, "config_fingerprint": config_fp},
                     keep=cfg.keep_checkpoints)
+                saved_at = time.monotonic()
+                if stop.signal:  # the last step finishes the stage instead (a checkpoint there would be final/)
+                    progress.close()
+                    raise Interrupted(stop.signal, step, plan.total_steps, str(folder))
             faults.crash_after_step(step, flush=metrics.flush)
             faults.pace()
     progress.close()
