@@ -208,6 +208,10 @@ def demo_pretrain(data: Path = typer.Option(Path("demo/data"), help="Demo data f
 def main() -> None:
     if not os.environ.get("EIMCTL_DEBUG"):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not (os.environ.get("EIMCTL_VERBOSE") or "--verbose" in sys.argv):
+        # Third-party progress bars ("Writing model shards", "Loading weights") clutter eimctl's own
+        # progress; transformers and huggingface_hub read this when they are first imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

@@ -79,7 +79,7 @@ def test_report_markdown_and_plots(run_dir, tmp_path):
                       "| METEOR ×100 | ROUGE-L ×100 | CIDEr ×100 | SPICE ×100 | Train time | Final loss |")
     assert "| eim | st | - |  |  |  |  |  |  |  |  |  | 0:00:54 | 2.0000 |" in lines
     assert ("| eim | base-ie | coco | test | 70.00 | 50.00 | 40.00 | 31.00 | 25.00 | 55.00 | 100.00 | n/a "
-            "| 1:02:03 | 1.2500 |") in lines
+            "| 1:02:03 | 1.2500 (base 1.000 + ie 0.250) |") in lines
     assert "| eim | base-ie | coco (fixed caption) | test |  |  |  | 5.00 |  |  | 12.30 |  |  |  |" in lines
     # Incomplete stages are notes, not rows or crashes.
     assert "eim: stage lm skipped: status is 'running', not 'complete'" in markdown
@@ -165,7 +165,7 @@ def test_val_nll_and_image_gap_columns_and_the_diagnostics_section(run_dir, tmp_
     assert header.endswith("| CIDEr ×100 | SPICE ×100 | Val NLL | Image gap | Train time | Final loss |")
     assert "| eim | st | - |  |  |  |  |  |  |  |  |  | 3.250 | +0.500 | 0:00:54 | 2.0000 |" in lines
     assert ("| eim | base-ie | coco | test | 70.00 | 50.00 | 40.00 | 31.00 | 25.00 | 55.00 | 100.00 | n/a "
-            "| 2.125 | -0.062 | 1:02:03 | 1.2500 |") in lines
+            "| 2.125 | -0.062 | 1:02:03 | 1.2500 (base 1.000 + ie 0.250) |") in lines
     assert "| eim | base-ie | coco (fixed caption) | test |  |  |  | 5.00 |  |  | 12.30 |  |  |  |  |  |" in lines
     section = lines[lines.index("## Diagnostics"):]
     assert "- eim / st: cos(query, own key): loss_st vs ke 0.412" in section

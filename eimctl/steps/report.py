@@ -51,6 +51,7 @@ class ReportRow:
     metrics: dict[str, float | None] = field(default_factory=dict)
     train_seconds: float | None = None
     final_loss: float | None = None
+    final_losses: dict = field(default_factory=dict)  # each loss_* of the last log interval, when several
     is_baseline: bool = False
     group: str = ""  # the run folder's own name: runs of one recipe over several seeds share it
     origin: str = ""  # the run folder's parent: runs of one seed (clipcap, eim) share it, which pairs them
@@ -102,8 +103,10 @@ def _stage_rows(run: str, run_dir: Path, notes: list[str], curves: dict) -> dict
             records, bad = read_jsonl(metrics_file, tolerant=True)
             if bad:
                 notes.append(f"{run}: stage {folder.name}: {bad} unreadable line(s) in metrics.jsonl ignored")
-            losses = [r["loss"] for r in records if _is_number(r.get("loss"))]
-            row.final_loss = float(losses[-1]) if losses else None
+            logged = [r for r in records if _is_number(r.get("loss"))]
+            row.final_loss = float(logged[-1]["loss"]) if logged else None
+            parts = {k: v for k, v in (logged[-1] if logged else {}).items() if k.startswith("loss_") and _is_number(v)}
+            row.final_losses = parts if len(parts) > 1 else {}
             curves[(run, folder.name)] = records
         stage_rows[folder.name] = row
     return stage_rows
@@ -129,7 +132,7 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
         eval_rows.append(ReportRow(
             run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
             metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
-            final_loss=trained.final_loss, group=run_dir.name,
+            final_loss=trained.final_loss, final_losses=trained.final_losses, group=run_dir.name,
             diagnostics=val_figures(result.get("diagnostics"), trained.diagnostics)))
         for metric, reason in sorted(result.get("unavailable", {}).items()):
             notes.append(f"{benchmark} {result.get('split', '')}: {metric} not computed — {reason}")
@@ -190,6 +193,14 @@ def collect_rows(run_dirs: list[Path]) -> list[ReportRow]:
     return _collect(run_dirs).rows
 
 
+def _final_loss_cell(row: ReportRow) -> str:
+    """The last log interval's mean loss, with each loss named when the stage has several."""
+    if row.final_loss is None:
+        return ""
+    parts = " + ".join(f"{name.removeprefix('loss_')} {value:.3f}" for name, value in row.final_losses.items())
+    return f"{row.final_loss:.4f}" + (f" ({parts})" if parts else "")
+
+
 def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
     """(header, row -> cell text) for every column the rows need, shared by markdown and rich."""
     present = {name for row in rows for name in row.metrics}
@@ -210,7 +221,7 @@ def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
     columns += [(name, metric_cell(name, 1.0)) for name in other_metrics]
     columns += diagnostic_columns(rows)  # val NLL and image-use gap, when the steps recorded them
     columns += [("Train time", lambda r: format_seconds(r.train_seconds)),
-                ("Final loss", lambda r: "" if r.final_loss is None else f"{r.final_loss:.4f}")]
+                ("Final loss", _final_loss_cell)]
     return columns
 
 
