@@ -2,20 +2,26 @@
 
 When CLIP is frozen, each image is encoded once (not once per caption) and the
 features are kept in a memory-mapped .npy file under `<run>/cache/`, keyed by a
-fingerprint of the CLIP config and the split.
+fingerprint of the CLIP config and the split. The images are encoded in parts
+(`features-<split>-<key>.parts/NNNNN.npy`, each written atomically), so an interrupted
+build keeps its finished parts; the .npy is assembled from them once all exist.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from eimctl.runtime.atomic import atomic_path
 from eimctl.config import DataConfig, fingerprint, to_dict
 from eimctl.data.captions import CaptionSplit
 from eimctl.data.images import load_image
+from eimctl.runtime import faults
+from eimctl.runtime.errors import EimError
+from eimctl.runtime.interrupts import PartsInterrupted, StopSignals
 from eimctl.runtime.progress import StepProgress
 
 
@@ -37,26 +43,72 @@ def check_images(split: CaptionSplit, data: DataConfig) -> None:
         load_image(split.image_root, path, data.allow_outside_root)
 
 
+PART_IMAGES = 1_024  # the cache is built in parts of this many images (a multiple of the batch size)
+BATCH = 64
+
+
 @torch.no_grad()
-def encode_split_images(clip, split: CaptionSplit, data: DataConfig, device: torch.device,
-                        batch_size: int = 64, num_workers: int = 0, show: bool = True) -> np.ndarray:
-    images = split.images()
-    dataset = ImageDataset(split.image_root, [p for _, p in images], clip.preprocess, data.allow_outside_root)
+def _encode_part(clip, dataset: Dataset, device: torch.device, num_workers: int, progress, batches_done: int):
+    """Features of every image in `dataset`, batch by batch; returns (features, batches_done)."""
     # its own generator: iterating must not move the global RNG, or a run that finds the cache
     # already built would draw other dropout masks than one that builds it
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=BATCH, num_workers=num_workers,
                         generator=torch.Generator().manual_seed(0))
-    out = np.zeros((len(images), clip.num_tokens, clip.feature_dim), dtype=np.float32)
-    progress = StepProgress(f"encode {split.name} images", len(loader), log_every=max(1, len(loader) // 10),
-                            enabled=show)
+    out = np.zeros((len(dataset), clip.num_tokens, clip.feature_dim), dtype=np.float32)
     row = 0
-    for number, pixels in enumerate(loader, start=1):
+    for pixels in loader:
         features = clip.encode_images(pixels.to(device)).float().cpu().numpy()
         out[row:row + len(features)] = features
         row += len(features)
-        progress.update(number)
+        batches_done += 1
+        progress.update(batches_done)
+    return out, batches_done
+
+
+def encode_split_parts(clip, split: CaptionSplit, data: DataConfig, device: torch.device, parts_dir: Path,
+                       num_workers: int = 0, show: bool = True) -> list[Path]:
+    """Encode the split's images into `parts_dir/NNNNN.npy`, one atomically written file per part. Parts
+    finished before an interruption are kept; a SIGINT/SIGTERM finishes the current part, then raises
+    PartsInterrupted."""
+    images = split.images()
+    dataset = ImageDataset(split.image_root, [p for _, p in images], clip.preprocess, data.allow_outside_root)
+    size = faults.feature_part_images(PART_IMAGES)
+    spans = [(start, min(len(images), start + size)) for start in range(0, len(images), size)]
+    paths = [parts_dir / f"{number:05d}.npy" for number in range(len(spans))]
+    batches = [-(-(stop - start) // BATCH) for start, stop in spans]
+    done = sum(count for count, path in zip(batches, paths) if path.is_file())
+    progress = StepProgress(f"encode {split.name} images", sum(batches), start=done,
+                            log_every=max(1, sum(batches) // 10), enabled=show)
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    with StopSignals() as stop:
+        for number, (start, stop_row) in enumerate(spans):
+            if paths[number].is_file():
+                continue
+            features, done = _encode_part(clip, Subset(dataset, range(start, stop_row)), device, num_workers,
+                                          progress, done)
+            with atomic_path(paths[number]) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, features, allow_pickle=False)
+            faults.pace()
+            if stop.signal:
+                progress.close()
+                finished = sum(path.is_file() for path in paths)
+                raise PartsInterrupted(stop.signal, f"encoding {split.name} images", finished, len(paths))
     progress.close()
-    return out
+    return paths
+
+
+def _assemble(parts: list[Path], rows: int, path: Path) -> None:
+    """Write the parts as one .npy (atomically), then remove them."""
+    features = np.concatenate([np.load(part, allow_pickle=False) for part in parts])
+    if len(features) != rows:  # parts from another part size: start again
+        shutil.rmtree(parts[0].parent, ignore_errors=True)
+        raise EimError(f"feature cache parts hold {len(features)} images, not {rows}", where=str(parts[0].parent),
+                       hint="they were removed; rerun the same command to encode the images again")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, features, allow_pickle=False)
+    shutil.rmtree(parts[0].parent, ignore_errors=True)
 
 
 def _tuning_key(clip) -> str:
@@ -79,10 +131,9 @@ def cached_features(clip, clip_config, split: CaptionSplit, data: DataConfig, ca
                        "root": str(Path(split.image_root).resolve()), "extra": prompts})
     path = Path(cache_dir) / f"features-{split.name}-{key}.npy"
     if not path.is_file():
-        features = encode_split_images(clip, split, data, device, num_workers=num_workers, show=show)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, features, allow_pickle=False)
+        parts_dir = path.with_suffix(".parts")
+        parts = encode_split_parts(clip, split, data, device, parts_dir, num_workers=num_workers, show=show)
+        _assemble(parts, len(split.images()), path)
     features = np.load(path, mmap_mode="r", allow_pickle=False)
     rows = {image_id: row for row, (image_id, _) in enumerate(split.images())}
     return features, rows

@@ -7,6 +7,7 @@ environment variable is set:
     EIMCTL_TEST_STEP_DELAY=S                   sleep S seconds after each step / queue part
     EIMCTL_TEST_CRASH_IN_CHECKPOINT=N:POINT    SIGKILL inside checkpoint N's save (POINT: weights|rename)
     EIMCTL_QUEUE_PART_ROWS=R                   build key queues in parts of R rows (tests use small parts)
+    EIMCTL_FEATURE_PART_IMAGES=N               build the feature cache in parts of N images
 """
 from __future__ import annotations
 
@@ -36,3 +37,7 @@ def crash_in_checkpoint(step: int, point: str) -> None:
 
 def queue_part_rows(default: int) -> int:
     return int(os.environ.get("EIMCTL_QUEUE_PART_ROWS", default))
+
+
+def feature_part_images(default: int) -> int:
+    return int(os.environ.get("EIMCTL_FEATURE_PART_IMAGES", default))

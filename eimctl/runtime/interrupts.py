@@ -36,6 +36,19 @@ class Interrupted(Exception):
         return text + (f" Resume with: {self.resume}" if self.resume else "")
 
 
+class PartsInterrupted(Interrupted):
+    """A build made of parts (feature cache, key queues) stopped by a signal after finishing its current part."""
+
+    def __init__(self, signal_number: int, doing: str, done: int, total: int):
+        self.doing = doing  # e.g. "encoding train images"
+        super().__init__(signal_number, done, total, checkpoint="")
+
+    def line(self) -> str:
+        return (f"Interrupted by {signal.Signals(self.signal_number).name} while {self.doing} "
+                f"({self.step} of {self.total} parts done): finished parts are kept; "
+                "rerun the same command to continue")
+
+
 class StopSignals:
     """Context manager: `.signal` is the number of the first SIGINT/SIGTERM received, else 0."""
 

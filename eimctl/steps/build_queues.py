@@ -8,7 +8,8 @@ hidden state). A queue depends only on the data set and the frozen models, so it
 lives in the top-level store `queues/<data>-<models>-<fingerprint>/` and is reused
 by every run. Each queue is built in parts (`.parts/<queue>-NNNNN.npy`, written
 atomically), so a killed build resumes part by part; the Parquet is assembled from
-the parts, and the manifest is written last.
+the parts, and the manifest is written last. A SIGINT/SIGTERM finishes the current part, then
+exits with one line and code 128 + signal; rerunning the same command continues.
 
 Once the queues are written, each one's diagnostics (near-duplicate rate, mean cosine to the
 mean key, floor loss; eimctl/eim/queue_diagnostics.py) are printed, one line per queue, and
@@ -37,6 +38,7 @@ from eimctl.runtime import faults
 from eimctl.runtime.atomic import atomic_path
 from eimctl.runtime.device import resolve_device
 from eimctl.runtime.errors import EimError
+from eimctl.runtime.interrupts import PartsInterrupted, StopSignals
 from eimctl.runtime.progress import StepProgress, log
 from eimctl.runtime.rundir import skip_or_run, write_manifest
 from eimctl.tasks import get_task
@@ -73,7 +75,9 @@ def _spans_to_build(part_paths: list[Path], rows: int, part_rows: int, progress)
 
 @torch.no_grad()
 def _build_parts(kind, parts_dir: Path, model, texts: list[str], tokens: list, device, show: bool,
-                 workers: int = 0) -> list[Path]:
+                 workers: int = 0, stop: StopSignals | None = None) -> list[Path]:
+    """Encode the queue's missing parts; on a SIGINT/SIGTERM (`stop`), finish the current part and raise
+    PartsInterrupted."""
     rows = len(texts)
     part_rows = faults.queue_part_rows(PART_ROWS)
     part_paths = [parts_dir / f"{kind.name}-{start // part_rows:05d}.npy" for start in range(0, rows, part_rows)]
@@ -93,6 +97,10 @@ def _build_parts(kind, parts_dir: Path, model, texts: list[str], tokens: list, d
                     np.save(handle, np.concatenate(chunks), allow_pickle=False)
             chunks = []
             faults.pace()
+            if stop is not None and stop.signal:
+                progress.close()
+                raise PartsInterrupted(stop.signal, f"building the {kind.name} queue",
+                                       sum(path.is_file() for path in part_paths), len(part_paths))
     progress.close()
     return part_paths
 
@@ -190,19 +198,20 @@ def build_queues(config: Config, *, force: bool = False, show: bool = True) -> P
     texts = [task.clip_text(s) for s in train.samples]
     sample_ids = [s.sample_id for s in train.samples]
     dims = {}
-    for kind in QUEUE_KINDS:
-        target = folder / f"{kind.name}.parquet"
-        dims[kind.name] = _complete_queue_dim(target, len(sample_ids), train.fingerprint)
-        if dims[kind.name] is not None:
-            continue
-        parts = _build_parts(kind, parts_dir, model, texts, tokens, device, show, config.train.num_workers)
-        write_queue(target, _read_parts(parts), sample_ids, encoder=encoder_name(config, kind.name),
-                    field=kind.field, normalised=True, dtype=config.eim.queue_dtype,
-                    data_fingerprint=train.fingerprint)
-        _, info = open_queue(target)  # builds the memory-mappable sidecar now, not at training time
-        dims[kind.name] = info.dim
-        for part in parts:
-            part.unlink(missing_ok=True)
+    with StopSignals() as stop:
+        for kind in QUEUE_KINDS:
+            target = folder / f"{kind.name}.parquet"
+            dims[kind.name] = _complete_queue_dim(target, len(sample_ids), train.fingerprint)
+            if dims[kind.name] is not None:
+                continue
+            parts = _build_parts(kind, parts_dir, model, texts, tokens, device, show, config.train.num_workers, stop)
+            write_queue(target, _read_parts(parts), sample_ids, encoder=encoder_name(config, kind.name),
+                        field=kind.field, normalised=True, dtype=config.eim.queue_dtype,
+                        data_fingerprint=train.fingerprint)
+            _, info = open_queue(target)  # builds the memory-mappable sidecar now, not at training time
+            dims[kind.name] = info.dim
+            for part in parts:
+                part.unlink(missing_ok=True)
     shutil.rmtree(parts_dir, ignore_errors=True)
     diagnostics = {kind.name: _diagnose(folder / f"{kind.name}.parquet", config, device, show) for kind in QUEUE_KINDS}
     write_manifest(folder, step="build-queues", config={"data": vars(config.data), "clip": vars(config.model.clip),
