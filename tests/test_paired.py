@@ -73,3 +73,12 @@ def test_the_score_chart_and_the_loss_overlay_are_drawn(tmp_path):
     assert plot_loss_overlay(curves, tmp_path / "overlay.png")
     assert (tmp_path / "overlay.png").read_bytes()[:4] == b"\x89PNG"
     assert not plot_loss_overlay({("eim", "st"): [{"epoch": 1.0, "loss_st": 5.0}]}, tmp_path / "none.png")
+
+
+def test_the_summary_names_the_data_a_benchmark_was_scored_on():
+    from eimctl.evaluate.aggregate import summary_markdown
+    rows = [ReportRow(run="eim", stage="base-ie", benchmark="coco", metrics={"Bleu_4": 0.3, "CIDEr": 1.0},
+                      group="eim", dataset="demo/data"),
+            ReportRow(run="old", stage="base", benchmark="coco", metrics={"Bleu_4": 0.3, "CIDEr": 1.0}, group="old")]
+    table = summary_markdown(rows, ("eim", "base-ie"))
+    assert table.startswith("### coco on demo/data") and table.count("### ") == 1   # one table per benchmark

@@ -121,7 +121,9 @@ def summary_markdown(rows, baseline: tuple[str, str]) -> str:
     for benchmark in benchmarks:
         entries = [a for a in aggregated if a["benchmark"] == benchmark]
         base = next((a for a in entries if (a["group"], a["stage"]) == baseline), None)
-        lines = [f"### {benchmark}", "", "| Configuration | n | BLEU-4 ×100 | CIDEr ×100 | Δ BLEU-4 | Δ CIDEr | "
+        datasets = sorted({row.dataset for row in rows if row.benchmark == benchmark and getattr(row, "dataset", "")})
+        title = f"### {benchmark}" + (f" on {', '.join(datasets)}" if datasets else "")
+        lines = [title, "", "| Configuration | n | BLEU-4 ×100 | CIDEr ×100 | Δ BLEU-4 | Δ CIDEr | "
                  "Val NLL | Image gap |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for entry in entries:
             is_base = entry is base

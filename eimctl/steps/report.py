@@ -52,6 +52,7 @@ class ReportRow:
     train_seconds: float | None = None
     final_loss: float | None = None
     final_losses: dict = field(default_factory=dict)  # each loss_* of the last log interval, when several
+    dataset: str = ""  # the data set an evaluation scored (data.path), shown with the benchmark's name
     is_baseline: bool = False
     group: str = ""  # the run folder's own name: runs of one recipe over several seeds share it
     origin: str = ""  # the run folder's parent: runs of one seed (clipcap, eim) share it, which pairs them
@@ -126,13 +127,12 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
             notes.append(f"{label} skipped: metrics.json unreadable ({type(error).__name__})")
             continue
         stage, benchmark = str(result.get("stage", folder.name)), str(result.get("benchmark", "?"))
-        if result.get("dataset"):  # the data it was scored on: the demo's scenes are not COCO
-            benchmark = f"{benchmark} on {result['dataset']}"
         trained = stage_rows.get(stage, ReportRow(run=run, stage=stage))
         eval_rows.append(ReportRow(
             run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
             metrics=dict(result.get("metrics", {})), train_seconds=trained.train_seconds,
             final_loss=trained.final_loss, final_losses=trained.final_losses, group=run_dir.name,
+            dataset=str(result.get("dataset", "")),  # the data it was scored on: the demo's scenes are not COCO
             diagnostics=val_figures(result.get("diagnostics"), trained.diagnostics)))
         for metric, reason in sorted(result.get("unavailable", {}).items()):
             notes.append(f"{benchmark} {result.get('split', '')}: {metric} not computed — {reason}")
