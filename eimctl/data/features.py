@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from eimctl.runtime.atomic import atomic_path
+from eimctl.runtime.atomic import write_npy
 from eimctl.config import DataConfig, fingerprint, to_dict
 from eimctl.data.captions import CaptionSplit
 from eimctl.data.images import load_image
@@ -86,9 +86,7 @@ def encode_split_parts(clip, split: CaptionSplit, data: DataConfig, device: torc
                 continue
             features, done = _encode_part(clip, Subset(dataset, range(start, stop_row)), device, num_workers,
                                           progress, done)
-            with atomic_path(paths[number]) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, features, allow_pickle=False)
+            write_npy(paths[number], features)
             faults.pace()
             if stop.signal:
                 progress.close()
@@ -105,9 +103,7 @@ def _assemble(parts: list[Path], rows: int, path: Path) -> None:
         shutil.rmtree(parts[0].parent, ignore_errors=True)
         raise EimError(f"feature cache parts hold {len(features)} images, not {rows}", where=str(parts[0].parent),
                        hint="they were removed; rerun the same command to encode the images again")
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, features, allow_pickle=False)
+    write_npy(path, features)
     shutil.rmtree(parts[0].parent, ignore_errors=True)
 
 

@@ -35,7 +35,7 @@ from eimctl.eim.queue_store import open_queue, read_queue_info, write_queue
 from eimctl.eim.queues import encoder_name, queue_fingerprint, queue_folder
 from eimctl.models.factory import build_model
 from eimctl.runtime import faults
-from eimctl.runtime.atomic import atomic_path
+from eimctl.runtime.atomic import write_npy
 from eimctl.runtime.device import resolve_device
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.interrupts import PartsInterrupted, StopSignals
@@ -92,9 +92,7 @@ def _build_parts(kind, parts_dir: Path, model, texts: list[str], tokens: list, d
         chunks.append(_encode_batch(kind, model, prepared, device))
         progress.update(end)
         if end == min(rows, (number + 1) * part_rows):  # the part is complete
-            with atomic_path(part_paths[number]) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, np.concatenate(chunks), allow_pickle=False)
+            write_npy(part_paths[number], np.concatenate(chunks))
             chunks = []
             faults.pace()
             if stop is not None and stop.signal:

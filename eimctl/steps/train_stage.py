@@ -10,7 +10,6 @@ model, queues, batches) -> fit (eimctl/train/loop.py) -> save (weights, manifest
 """
 from __future__ import annotations
 
-import dataclasses
 import shlex
 import shutil
 import time
@@ -42,7 +41,7 @@ from eimctl.train.loop import fit
 
 class StageRecipe:
     """One stage: setup -> fit -> save. `config` is the run's (shared by its stages and fingerprinted);
-    `train` is its train section with the stage's own `train:` overrides applied."""
+    `stage_config` is the same with the stage's own `train:` overrides applied (what this stage runs with)."""
 
     def __init__(self, config: Config, run_dir: Path, stage: str, *, show: bool = True,
                  config_args: str = " <same config>"):
@@ -50,7 +49,8 @@ class StageRecipe:
         self.config_args = config_args  # the command line's --config files and overrides, for suggested commands
         self.schedule = resolve_schedule(config)
         self.spec = stage_spec(self.schedule, stage)
-        self.train = with_overrides(config, {"train": self.spec.train}, f"stages.{stage}.train").train
+        self.stage_config = with_overrides(config, {"train": self.spec.train}, f"stages.{stage}.train")
+        self.train = self.stage_config.train
         self.config_fp = config_fingerprint(config)
         self.out = stage_dir(run_dir, stage)
         self.started = time.time()
@@ -87,16 +87,16 @@ class StageRecipe:
             self.model.compile_for_training()
         tokens = tokenize_for_training(self.model.tokenizer, [task.format(s) for s in self.data.samples],
                                        config.data, f"{config.data.path} (train)", self.show)
-        images_for = image_inputs(self.model, dataclasses.replace(config, train=self.train), self.data,
+        images_for = image_inputs(self.model, self.stage_config, self.data,
                                   self.run_dir / "cache", self.device, self.show)
         self.collate = make_collate(tokens, self.model.tokenizer.pad_token_id, images_for)
         self.diagnostics = None if not config.eval.diagnostics else StageDiagnostics(
-            self.model, dataclasses.replace(config, train=self.train), task, spec.losses, self.run_dir / "cache",
+            self.model, self.stage_config, task, spec.losses, self.run_dir / "cache",
             self.device)
 
     def fit(self, resume: str) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text(self.out / "config.yaml", dump_yaml(dataclasses.replace(self.config, train=self.train)))
+        write_text(self.out / "config.yaml", dump_yaml(self.stage_config))
         model, spec, eim = self.model, self.spec, self.config.eim
 
         def losses(batch: dict) -> dict:
