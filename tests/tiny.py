@@ -58,6 +58,32 @@ def make_tiny_lm(out: Path, n_embd: int = 32, kind: str = "gpt2") -> str:
     return str(out)
 
 
+def make_tiny_llama(out: Path, hidden: int = 64, layers: int = 4, heads: int = 4, kv_heads: int = 2,
+                    words: list[str] | None = None) -> str:
+    """A tiny random LLaMA (grouped-query attention: `kv_heads` < `heads`) with a word-level tokenizer whose
+    id 0 is a real token (as SmolLM2's <|endoftext|> is), so loss labels must not use 0 as "ignore"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    extra = sorted(set(words or []) - set(WORDS))
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, "<s>": 2, "</s>": 3,
+             **{w: i + 4 for i, w in enumerate([*WORDS, *extra])}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="</s>", bos_token="<s>",
+                                        pad_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+                                         num_hidden_layers=layers, num_attention_heads=heads,
+                                         num_key_value_heads=kv_heads, max_position_embeddings=512,
+                                         bos_token_id=2, eos_token_id=3, pad_token_id=3))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
 def make_tiny_data(out: Path, n_train: int = 24, n_val: int = 6, n_test: int = 6, size: int = 32) -> Path:
     """A JSONL captioning data set of coloured shapes; test images get 3 references each."""
     rng = random.Random(0)

@@ -31,12 +31,14 @@ def trains_clip_tuning(model) -> bool:
 
 
 def sample_rows(split, limit: int = SAMPLE_IMAGES) -> list[int]:
-    """Sample indices (= key-queue rows): the first sample of each of the first `limit` distinct images."""
+    """Sample indices (= key-queue rows): the first sample of each of the first `limit` distinct images
+    (text-only samples have none)."""
     rows: dict[str, int] = {}
     for index, sample in enumerate(split.samples):
         if len(rows) == limit:
             break
-        rows.setdefault(sample.image_id, index)
+        if getattr(sample, "image", None) is not None:
+            rows.setdefault(sample.image_id, index)
     return list(rows.values())
 
 

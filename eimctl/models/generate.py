@@ -254,3 +254,57 @@ def generate_captions_naive(lm, prefix_embeds: Tensor, *, eos_token_id: int,
                 sequence = torch.cat([sequence, token_embed], dim=1)
             results.append(tokens)
     return results
+
+
+def _pick(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
+    """Greedy when temperature is 0; else nucleus sampling (top-p) at that temperature."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # always keeps the most likely token
+    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+    choice = torch.multinomial(sorted_probs.cpu(), 1, generator=generator).to(logits.device)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+def generate_from_embeds(lm, embeds: Tensor, mask: Tensor, *, eos_token_id: int, max_new_tokens: int,
+                         position_offset: int = 0, on_keep=None, temperature: float = 0.0, top_p: float = 1.0,
+                         generator=None) -> list[list[int]]:
+    """Continue LEFT-padded prompts given as embeddings ([B, S, D], mask [B, S], 1 = real) with a KV cache.
+
+    Positions count real tokens only (a row's first real token is at `position_offset`), so a padded row
+    decodes exactly as it would alone. `on_keep(rows)` is called with the kept row indices whenever
+    finished rows leave the batch, for callers that hold per-row state of their own (adaption prompts,
+    routing weights). Greedy unless `temperature` > 0 (then top-p sampling with `generator`)."""
+    if embeds.shape[0] == 0 or max_new_tokens == 0:
+        return [[] for _ in range(embeds.shape[0])]
+    with _EvalMode(lm), torch.inference_mode():
+        embeds = _prepare(lm, embeds)
+        mask = mask.to(embeds.device).long()
+        positions = (mask.cumsum(dim=1) - 1).clamp_min(0) + position_offset
+        outputs = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = _cache_of(outputs), outputs.logits[:, -1, :]
+        name = "past_key_values" if "cache" not in inspect.signature(lm.forward).parameters else "cache"
+        results: list[list[int]] = [[] for _ in range(embeds.shape[0])]
+        active, last = list(range(embeds.shape[0])), positions[:, -1:]
+        for step in range(max_new_tokens):
+            tokens = _pick(logits, temperature, top_p, generator)
+            token_list = tokens.tolist()
+            live = [row for row, token in enumerate(token_list) if token != eos_token_id]
+            for row in live:
+                results[active[row]].append(token_list[row])
+            if step == max_new_tokens - 1 or not live:
+                break
+            if len(live) < len(active):
+                keep = torch.tensor(live, device=embeds.device)
+                cache.reorder_cache(keep)
+                tokens, mask, last = tokens[keep], mask[keep], last[keep]
+                active = [active[row] for row in live]
+                if on_keep is not None:
+                    on_keep(keep)
+            mask, last = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1), last + 1
+            outputs = lm(input_ids=tokens[:, None], attention_mask=mask, position_ids=last, use_cache=True,
+                         **{name: cache})
+            cache, logits = _cache_of(outputs), outputs.logits[:, -1, :]
+    return results

@@ -9,8 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.hub import hub_online, offline_reason, quiet_loading, short
+
+
+IGNORE_INDEX = -100  # unscored label positions; never 0, a real token in many vocabularies (SmolLM2's <|endoftext|>)
 
 
 @dataclass
@@ -61,3 +67,15 @@ def final_hidden(lm, **inputs):
     with an `attention_mask`) and the tuned LM for the query (`inputs_embeds`).
     Only the backbone runs, so no [B, S, vocab] LM head product is made unless asked."""
     return lm.base_model(**inputs).last_hidden_state
+
+
+def response_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Targets for the text: the token where `loss_mask` is 1, IGNORE_INDEX elsewhere (prompt, padding)."""
+    return input_ids.masked_fill(loss_mask == 0, IGNORE_INDEX)
+
+
+def shifted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at t predict labels at t+1; IGNORE_INDEX positions unscored."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX)

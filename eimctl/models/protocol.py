@@ -23,18 +23,22 @@ class LMOutput:
     mask    [B, S]    1 at every real position of that sequence (visual positions included)
     logits  [B, S, V] or None when not asked for
     offset  positions before the first text token (0 when the family injects no tokens)
+    labels  [B, S] next-token targets aligned with `logits` (IGNORE_INDEX where unscored), for families
+            whose injected tokens differ in length between samples (LaVIN); None otherwise
     """
     hidden: Tensor
     mask: Tensor
     logits: Tensor | None = None
     offset: int = 0
+    labels: Tensor | None = None
 
 
 class VisionLanguageModel(Protocol):
     """CLIP + ST + LM as the objectives, queue builder, trainer and tasks use it.
 
     A batch holds `input_ids`, `attention_mask` (1 = real token) and `loss_mask`
-    (1 = response token that loss_base scores), all [B, L] and right-padded.
+    (1 = response token that loss_base scores), all [B, L] and right-padded, and `has_image`
+    [B] (bool; False for a text-only sample, whose image features are zeros).
     """
     clip: nn.Module            # eimctl.models.clip.ClipEncoder: features, text keys, ie query
     tokenizer: object          # the LM's tokenizer (has eos and pad ids)
@@ -48,7 +52,8 @@ class VisionLanguageModel(Protocol):
     def embed_tokens(self, ids: Tensor) -> Tensor: ...                # LM embedding-layer output
     def text_hidden(self, ids: Tensor, mask: Tensor) -> Tensor: ...   # frozen LM over text only
     def generate(self, visual: Tensor, prompts: list[list[int]] | None, *, max_new_tokens: int,
-                 beam_size: int) -> list[list[int]]: ...
+                 beam_size: int, has_image: Tensor | None = None, sampling: dict | None = None
+                 ) -> list[list[int]]: ...
     def compile_for_training(self) -> None: ...
 
 
