@@ -85,17 +85,40 @@ def linear_warmup_decay(warmup: int, total: int):
     return factor
 
 
+def warmup_then_decay(warmup: int, total: int, shape: str = "linear"):
+    """Per-step lr factor: linear warm-up over `warmup` steps, then a linear or half-cycle cosine decay to 0."""
+    if shape == "linear":
+        return linear_warmup_decay(warmup, total)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
+
+
+def learning_rate(cfg) -> float:
+    """train.lr, or train.blr scaled by the batch size (lr = blr * batch / 256) when blr is set."""
+    return cfg.blr * cfg.batch_size / 256 if cfg.blr else cfg.lr
+
+
 def make_optimizer(model: nn.Module, params: list, cfg, lr_by_prefix: dict[str, float] | None = None):
     """AdamW over `params` (the trainable ones). Parameters whose names start with a key of `lr_by_prefix`
-    form a group with that learning rate (the schedule scales every group alike); the rest use cfg.lr."""
-    if not lr_by_prefix:
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    members: dict = {None: [], **{prefix: [] for prefix in lr_by_prefix}}   # None: cfg.lr
+    form a group with that learning rate (the schedule scales every group alike); the rest use the stage's
+    rate. With train.decay_1d off, biases and other 1-D tensors get no weight decay."""
+    lr, betas = learning_rate(cfg), (0.9, cfg.adam_beta2)
+    if not lr_by_prefix and cfg.decay_1d:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=betas)
+    prefixes = lr_by_prefix or {}
+    members: dict = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
-            members[next((prefix for prefix in lr_by_prefix if name.startswith(prefix)), None)].append(param)
-    groups = [{"params": group, "lr": lr_by_prefix.get(prefix, cfg.lr)} for prefix, group in members.items() if group]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            prefix = next((p for p in prefixes if name.startswith(p)), None)
+            decays = cfg.decay_1d or (param.ndim > 1 and not name.endswith(".bias"))
+            members.setdefault((prefix, decays), []).append(param)
+    groups = [{"params": group, "lr": prefixes.get(prefix, lr), "weight_decay": cfg.weight_decay if decays else 0.0}
+              for (prefix, decays), group in members.items()]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=cfg.weight_decay, betas=betas)
 
 
 def train_step(named: dict, weights: dict, optimizer, scheduler, params: list, max_grad_norm: float,
@@ -206,7 +229,8 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
     if not params:
         raise EimError(f"stage '{stage}' has nothing to train", hint="check the stage's trainable modules")
     optimizer = make_optimizer(model, params, cfg, lr_by_prefix)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup_decay(cfg.warmup_steps, plan.total_steps))
+    warmup = round(cfg.warmup_epochs * plan.steps_per_epoch) if cfg.warmup_epochs else cfg.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(warmup, plan.total_steps, cfg.schedule))
     checkpoints = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
     step, interval = _resume(stage, checkpoints, metrics_path, model, optimizer, scheduler, config_fp, resume, show)
