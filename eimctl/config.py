@@ -51,8 +51,13 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 40
     lr: float = 2e-5
+    blr: float = 0.0                 # base lr: when > 0, lr = blr * batch_size / 256 (LLaMA-Adapter/LaVIN's rule)
     warmup_steps: int = 5000
+    warmup_epochs: float = 0.0       # when > 0, the warm-up is this many epochs (replaces warmup_steps)
+    schedule: str = "linear"         # linear (warm-up, then linear decay to 0) | cosine (warm-up, then half-cycle cosine to 0)
     weight_decay: float = 0.0
+    decay_1d: bool = True            # false: no weight decay on biases and other 1-D tensors (timm's grouping)
+    adam_beta2: float = 0.999        # AdamW's second-moment decay (LLaMA-Adapter/LaVIN: 0.95)
     max_grad_norm: float = 0.0       # 0 = no clipping
     max_steps: int = 0               # 0 = epochs decide
     seed: int = 42
@@ -128,6 +133,7 @@ CHOICES = {
     "model.projector.type": {"mlp", "ffn", "transformer"},
     "train.device": {"auto", "cpu", "cuda"},
     "train.precision": {"fp32", "bf16"},
+    "train.schedule": {"linear", "cosine"},
     "train.loggers": {"jsonl", "tensorboard"},
     "eim.queue_placement": {"auto", "host", "device"},
     "eim.device_queue_dtype": {"float32", "float16"},
@@ -140,12 +146,12 @@ CHOICES = {
     "eim.clip_tuning": {"network", "tokens"},
     "eim.prompt_depth": {"deep", "shallow"},
 }
-POSITIVE = {"data.max_caption_tokens", "model.projector.prefix_length", "model.projector.layers",
+POSITIVE = {"data.max_caption_tokens", "train.adam_beta2", "model.projector.prefix_length", "model.projector.layers",
             "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
             "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature", "eim.duplicate_cosine",
             "eim.diagnostic_rows", "eval.diagnostic_samples"}
-NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.weight_decay",
+NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.warmup_epochs", "train.blr", "train.weight_decay",
                 "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed",
                 "train.checkpoint_minutes", "eim.prompt_tokens", "eim.chunk_rows", "eim.prompt_hidden", "eim.prompt_lr"}
 # Keys that change how a step runs but not what it produces.
