@@ -129,18 +129,57 @@ def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY
 @app.command("evaluate")
 @user_errors
 def evaluate(task: str = typer.Argument(..., help="The task whose benchmark scores the stage: "
-                                                  "coco (captioning: BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE)."),
+                                                  "coco (captioning: BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE); "
+                                                  "scienceqa (ScienceQA's official accuracy table: NAT ... Avg)."),
              overrides: Optional[List[str]] = typer.Argument(None, help="eval.* overrides, e.g. eval.beam_size=3"),
-             run_dir: Path = RUN_DIR,
+             run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory: holds stages/, eval/, "
+                                                                           "report/ of one run."),
              stage: str = typer.Option("base", help="Trained stage to evaluate."),
              spice_jars: Optional[Path] = typer.Option(None, help="coco: folder with Stanford CoreNLP 3.6.0 jars; "
                                                                   "without it SPICE is unavailable."),
+             problems: Optional[Path] = typer.Option(None, help="scienceqa, with --results: the problems.json "
+                                                                "whose problems are scored."),
+             results: Optional[Path] = typer.Option(None, help="Score this results file instead of a trained stage "
+                                                               "(scienceqa: {\"results\": {qid: index}} or {qid: "
+                                                               "index}); needs --problems and --out."),
+             out: Optional[Path] = typer.Option(None, help="With --results: folder for metrics.json."),
+             split: str = typer.Option("test", help="With --results: the problems' split scored (official: test)."),
              force: bool = typer.Option(False, "--force", help="Redo a complete evaluation; also score a stage "
                                                               "trained without loss_base (st, lm), which is "
                                                               "refused otherwise."),
              quiet: bool = QUIET):
-    """Score a trained stage on a task's benchmark (eimctl/tasks/): generate, then score officially."""
+    """Score a trained stage on a task's benchmark (eimctl/tasks/): generate, then score officially.
+
+    With --results, score an existing results file instead (no run directory, no model).
+    """
+    if results is not None:
+        _score_file_and_print(task, problems, results, out, split, quiet)
+        return
+    if problems is not None or out is not None:
+        raise EimError("--problems and --out go with --results", where="eimctl evaluate",
+                       hint="pass --results FILE to score a file, or drop them to evaluate a trained stage")
+    if run_dir is None:
+        raise EimError("missing option --run-dir", where="eimctl evaluate",
+                       hint="pass --run-dir RUN (or --results FILE --problems P --out DIR to score a file)")
     _evaluate_and_print(task, run_dir, stage, overrides, {"spice_jars": spice_jars}, force, quiet)
+
+
+def _score_file_and_print(task_name: str, problems: Optional[Path], results: Path, out: Optional[Path], split: str,
+                          quiet: bool) -> None:
+    import json
+    from eimctl.steps.evaluate import score_results_file
+    from eimctl.tasks import get_task
+
+    missing = [name for name, value in (("--problems", problems), ("--out", out)) if value is None]
+    if missing:
+        raise EimError(f"--results needs {' and '.join(missing)}", where="eimctl evaluate",
+                       hint="pass --problems problems.json --results FILE --out DIR")
+    path = score_results_file(task_name, problems, results, out, split)
+    if not quiet:
+        lines = get_task(task_name).summary(json.loads(path.read_text()))
+        print(f"{lines[0]}  -> {path}")
+        for line in lines[1:]:
+            print(line)
 
 
 def _evaluate_and_print(task_name: str, run_dir: Path, stage: str, overrides, options: dict, force: bool,

@@ -10,6 +10,7 @@ import difflib
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -21,7 +22,7 @@ from eimctl.models.lm import LMConfig
 from eimctl.models.projectors import ProjectorConfig
 from eimctl.models.registry import FAMILIES, family_sections
 from eimctl.runtime.errors import EimError
-from eimctl.tasks import TASKS
+from eimctl.tasks import TASKS, task_sections
 
 
 @dataclass
@@ -37,12 +38,13 @@ class DataConfig:
 
 # The parts every family shares, plus one section per family that has options of its own
 # (declared by the family module as SECTION; see eimctl/models/registry.py).
+FAMILY_SECTIONS = family_sections()
 ModelConfig = dataclasses.make_dataclass("ModelConfig", [
     ("family", str, field(default="clipcap")),
     ("clip", ClipConfig, field(default_factory=ClipConfig)),
     ("projector", ProjectorConfig, field(default_factory=ProjectorConfig)),
     ("lm", LMConfig, field(default_factory=LMConfig)),
-    *[(name, section, field(default_factory=section)) for name, section in family_sections().items()],
+    *[(name, section, field(default_factory=section)) for name, section in FAMILY_SECTIONS.items()],
 ])
 
 
@@ -84,6 +86,8 @@ class EvalConfig:
     fixed_caption_candidates: int = 300
     diagnostics: bool = True          # val NLL, image-use gap, text-only NLL, cos(query, own key) (README: Diagnostics)
     diagnostic_samples: int = 500     # samples they use: a fixed, evenly spread subset of val (and of train)
+    zero_images: bool = False         # score with every image replaced by a zero pixel tensor (the image-ablation
+                                      # control; tasks that read images: scienceqa)
 
 
 @dataclass
@@ -114,14 +118,18 @@ class EIMConfig:
     diagnostic_rows: int = 4096       # rows sampled for near-duplicates and the floor loss (exact if N <= it)
 
 
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    eim: EIMConfig = field(default_factory=EIMConfig)
-    stages: dict = field(default_factory=dict)  # the schedule (eimctl/eim/schedule.py); {} = the family's own
+# The shared sections, one section per task that has options of its own (declared by the task as SECTION;
+# see eimctl/tasks/__init__.py, e.g. `scienceqa.prompt_format`), and the schedule.
+TASK_SECTIONS = task_sections()
+Config = dataclasses.make_dataclass("Config", [
+    ("data", DataConfig, field(default_factory=DataConfig)),
+    ("model", ModelConfig, field(default_factory=ModelConfig)),
+    ("train", TrainConfig, field(default_factory=TrainConfig)),
+    ("eval", EvalConfig, field(default_factory=EvalConfig)),
+    ("eim", EIMConfig, field(default_factory=EIMConfig)),
+    *[(name, section, field(default_factory=section)) for name, section in TASK_SECTIONS.items()],
+    ("stages", dict, field(default_factory=dict)),  # the schedule (eimctl/eim/schedule.py); {} = the family's own
+])
 
 
 CHOICES = {
@@ -129,7 +137,7 @@ CHOICES = {
     "data.format": {"jsonl", "coco-karpathy"},
     "data.overlong": {"truncate", "refuse"},
     "model.family": FAMILIES,
-    "model.clip.tokens": {"pooled", "full"},
+    "model.clip.tokens": {"pooled", "full", "cls_every_k", "pooled_grid"},
     "model.projector.type": {"mlp", "ffn", "transformer"},
     "train.device": {"auto", "cpu", "cuda"},
     "train.precision": {"fp32", "bf16"},
@@ -145,8 +153,10 @@ CHOICES = {
     "eim.same_text": {"negative", "positive", "masked"},
     "eim.clip_tuning": {"network", "tokens"},
     "eim.prompt_depth": {"deep", "shallow"},
+    **{f"{name}.{key}": allowed for name, section in TASK_SECTIONS.items()
+       for key, allowed in getattr(section, "CHOICES", {}).items()},
 }
-POSITIVE = {"data.max_caption_tokens", "train.adam_beta2", "model.projector.prefix_length", "model.projector.layers",
+POSITIVE = {"data.max_caption_tokens", "model.clip.cls_every", "train.adam_beta2", "model.projector.prefix_length", "model.projector.layers",
             "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
             "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature", "eim.duplicate_cosine",
@@ -249,6 +259,9 @@ def _check_ranges(config: Config, problems: list[str]) -> None:
             problems.append(f"{key}: must be >= 0, got {flat[key]}")
     if not 0 < config.train.lr < 1:
         problems.append(f"train.lr: must be in (0, 1), got {config.train.lr}")
+    grid = config.model.clip.grid_tokens
+    if grid < 2 or math.isqrt(grid - 1) ** 2 != grid - 1:
+        problems.append(f"model.clip.grid_tokens: must be 1 + n*n (e.g. 50 = 1 + 7x7), got {grid}")
     if config.eim.duplicate_cosine > 1:
         problems.append(f"eim.duplicate_cosine: must be <= 1 (a cosine), got {config.eim.duplicate_cosine}")
 
@@ -346,9 +359,27 @@ def fingerprint(data: Any) -> str:
 
 
 def config_fingerprint(config: Config, sections: tuple[str, ...] = ("data", "model", "train", "eim", "stages")) -> str:
+    """Also covers the section of the task `data.task` names, when it has one (its prompt format shapes training)."""
+    task = config.data.task.replace("-", "_")
+    if "data" in sections and task in TASK_SECTIONS:
+        sections = (*sections, task)
     flat = {k: v for k, v in flatten(to_dict(config)).items()
-            if k.split(".")[0] in sections and k not in NOT_FINGERPRINTED}
+            if k.split(".")[0] in sections and k not in NOT_FINGERPRINTED and not _silent(k, v, config)}
     return fingerprint(flat)
+
+
+# Keys added after run directories already existed: left out of the fingerprint while at their default, so a
+# stage trained before they existed stays complete (and one trained with another value does not).
+ADDED_LATER = {"train.blr": 0.0, "train.warmup_epochs": 0.0, "train.schedule": "linear", "train.decay_1d": True,
+               "train.adam_beta2": 0.999, "model.clip.cls_every": 4, "model.clip.grid_tokens": 50}
+
+
+def _silent(key: str, value: Any, config: Config) -> bool:
+    """Keys that cannot change this run: another family's section, or a later key at its default."""
+    parts = key.split(".")
+    if parts[0] == "model" and parts[1] in FAMILY_SECTIONS and parts[1] != config.model.family.replace("-", "_"):
+        return True
+    return key in ADDED_LATER and value == ADDED_LATER[key]
 
 
 def dump_yaml(config: Config) -> str:

@@ -214,7 +214,7 @@ def test_run_directory_from_another_config(tmp_path, over, trained):
 
 def test_evaluate_with_model_override(tmp_path, trained):
     fails(["evaluate", "coco", "--run-dir", str(trained), "--stage", "base", "-q", "model.clip.tokens=full"],
-          "evaluate accepts eval.* and train.device overrides only", tmp_path)
+          "evaluate accepts eval.*, scienceqa.parse* and train.device overrides only", tmp_path)
 
 
 def _replace_output(stage: Path, name: str, data: bytes) -> None:

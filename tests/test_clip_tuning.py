@@ -158,6 +158,7 @@ def test_a_stage_that_trains_the_network_logs_zero_drift_before_training(tiny_ov
 
 def test_sample_rows_take_the_first_sample_of_each_image():
     class Split:
-        samples = [type("S", (), {"image_id": i})() for i in ("a", "a", "b", "c", "b", "d")]
-    assert sample_rows(Split, limit=3) == [0, 2, 3]
-    assert sample_rows(Split) == [0, 2, 3, 5]
+        samples = [type("S", (), {"image_id": i, "image": f"{i}.png" if i else None})()
+                   for i in ("a", "a", "b", "", "c", "b", "d")]   # "": a text-only sample, skipped
+    assert sample_rows(Split, limit=3) == [0, 2, 4]
+    assert sample_rows(Split) == [0, 2, 4, 6]

@@ -45,7 +45,7 @@ def test_evaluate_refuses_model_overrides(tmp_path: Path, tiny_overrides):
     run = tmp_path / "run"
     assert runner.invoke(app, ["train-stage", "base", "--run-dir", str(run), "-q", *tiny_overrides]).exit_code == 0
     result = runner.invoke(app, ["evaluate", "coco", "--run-dir", str(run), "model.lm.name=gpt2"])
-    assert result.exit_code == 1 and "eval.* and train.device overrides only" in result.output
+    assert result.exit_code == 1 and "overrides only" in result.output and "model.lm.name" in result.output
 
 
 def test_help_explains_every_command():

@@ -8,6 +8,7 @@ build keeps its finished parts; the .npy is assembled from them once all exist.
 """
 from __future__ import annotations
 
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -109,12 +110,20 @@ def _assemble(parts: list[Path], rows: int, path: Path) -> None:
 
 def _tuning_key(clip) -> str:
     """The active CLIP tuning module's values: prompt tokens as before, the prompt network by a hash of its
-    bytes (its millions of values would make a slow JSON text)."""
+    bytes (its millions of values would make a slow JSON text); CLIP's own adapters (LaVIN's, attached with
+    `attach_block_adapters`) by a hash of their bytes whenever they exist, trained or not."""
+    adapters, key = getattr(clip, "adapters", None), ""
+    if adapters is not None:
+        hashed = hashlib.sha256()
+        for name, tensor in adapters.state_dict().items():
+            hashed.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            hashed.update(tensor.detach().float().cpu().numpy().tobytes())
+        key = f"adapters-{hashed.hexdigest()[:16]}"
     if not clip.prompts_active:
-        return ""
+        return key
     if getattr(clip, "prompts_network", None) is not None:
-        return clip.prompts_network.digest()
-    return fingerprint(clip.prompts.tolist())
+        return key + clip.prompts_network.digest()
+    return key + fingerprint(clip.prompts.tolist())
 
 
 def cached_features(clip, clip_config, split: CaptionSplit, data: DataConfig, cache_dir: Path,

@@ -28,6 +28,7 @@ from eimctl.data.tokens import tokenize_pairs
 from eimctl.eim.objectives import image_features
 from eimctl.eim.queue_kinds import KIND_OF_LOSS, ForwardState
 from eimctl.runtime.errors import EimError
+from eimctl.tasks import formatter
 from eimctl.train.batches import image_inputs, make_collate
 
 TEXT_ONLY_NOTE = "the sequence's first token has no prediction without a visual input and is not scored"
@@ -188,7 +189,8 @@ def validation_subset(model, config, task, split, cache_dir: Path, device) -> Su
     chosen = [split.samples[k] for k in fixed_subset(len(split.samples), config.eval.diagnostic_samples)]
     part = copy.copy(split)  # the split's own type, holding only the chosen samples
     part.samples, part.fingerprint = chosen, f"{split.fingerprint}:diagnostics-{len(chosen)}"
-    tokens, _ = tokenize_pairs(model.tokenizer, [task.format(s) for s in chosen], config.data.max_caption_tokens)
+    pairs = list(map(formatter(task, config), chosen))
+    tokens, _ = tokenize_pairs(model.tokenizer, pairs, config.data.max_caption_tokens)
     with quiet_eval(model, device):
         images_for = image_inputs(model, config, part, cache_dir, device, show=False)
     return Subset(list(range(len(chosen))), [s.image_id for s in chosen],

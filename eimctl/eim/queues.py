@@ -7,6 +7,7 @@ models, so every run and ablation on the same data reuses it (queues/README.md).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -25,9 +26,13 @@ from eimctl.runtime.rundir import require_upstream
 def queue_fingerprint(config, train) -> str:
     """What the keys depend on: the data and its task, the frozen CLIP and LM, tokenisation, storage dtype."""
     clip, lm = config.model.clip, config.model.lm
-    return fingerprint({"data": train.fingerprint, "task": config.data.task, "clip": [clip.name, clip.pretrained],
-                        "lm": [lm.name, lm.gguf_file], "max_tokens": config.data.max_caption_tokens,
-                        "dtype": config.eim.queue_dtype})
+    parts = {"data": train.fingerprint, "task": config.data.task, "clip": [clip.name, clip.pretrained],
+             "lm": [lm.name, lm.gguf_file], "max_tokens": config.data.max_caption_tokens,
+             "dtype": config.eim.queue_dtype}
+    section = getattr(config, config.data.task.replace("-", "_"), None)  # the task's prompt format, if it has one
+    if dataclasses.is_dataclass(section):
+        parts["task_options"] = dataclasses.asdict(section)
+    return fingerprint(parts)
 
 
 def _slug(text: str) -> str:

@@ -3,18 +3,29 @@
 - `remove_projection`: drop `visual.proj`, so features are the encoder's width-d
   outputs after `ln_post`; the original projection is kept as a frozen buffer
   (used only inside loss_IE, never on the inference path).
-- `tokens`: `pooled` ([CLS] only, shape [B, 1, d]) or `full` ([CLS] + patch tokens).
+- `tokens`: `pooled` ([CLS] only, shape [B, 1, d]) or `full` ([CLS] + patch tokens); for LaVIN also
+  `cls_every_k` (the raw [CLS] after every k-th residual block, before ln_post and any projection:
+  [B, depth // k, width]; LaVIN's 6 tokens from 24 blocks at k = 4) and `pooled_grid` (the pooled [CLS]
+  followed by the patch grid adaptive-average-pooled to n x n: [B, 1 + n*n, d], `grid_tokens` = 1 + n*n).
+
+Families with adapters inside the ViT (LaVIN) attach one module per block with `attach_block_adapters`:
+it is applied to ln_1's output (`x + Attn(adapter(ln_1(x)))`) and registered as `adapters`, so
+`parameters()` includes it and the feature cache keys on its values.
 
 loss_IE's CLIP tuning module is either the prompt network of eimctl/models/clip_tuning.py
 (eim.clip_tuning=network, the identity at initialisation) or shallow prompt tokens (tokens).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from eimctl.models.clip_tuning import PromptNetworkSpec, prompt_network_for, visual_with_offsets
 from eimctl.runtime.errors import EimError
@@ -26,7 +37,9 @@ class ClipConfig:
     name: str = "ViT-B-32"           # open_clip model name, `hf-hub:org/repo` or `local-dir:/path`
     pretrained: str = "openai"       # open_clip pretrained tag or a local checkpoint file ("" = random)
     remove_projection: bool = False  # drop visual.proj: features are the width-d [CLS] / tokens
-    tokens: str = "pooled"           # pooled ([CLS] only) | full ([CLS] + patch tokens)
+    tokens: str = "pooled"           # pooled ([CLS]) | full ([CLS] + patches) | cls_every_k | pooled_grid
+    cls_every: int = 4               # tokens=cls_every_k: the raw [CLS] after every k-th block
+    grid_tokens: int = 50            # tokens=pooled_grid: [CLS] + an n x n pooled patch grid (1 + n*n tokens)
 
 
 # Short names for the OpenAI CLIP checkpoints the paper's families use.
@@ -105,10 +118,11 @@ class ClipEncoder(nn.Module):
             visual.proj = None
         visual.output_tokens = True
         self.width = visual.transformer.width
-        self.feature_dim = self.width if visual.proj is None else visual.proj.shape[1]
-        grid = visual.grid_size
-        self.num_tokens = 1 if cfg.tokens == "pooled" else 1 + grid[0] * grid[1]
+        self.feature_dim = self.width if visual.proj is None or cfg.tokens == "cls_every_k" else visual.proj.shape[1]
+        self.cls_every, self.grid_tokens = cfg.cls_every, cfg.grid_tokens
+        self.num_tokens = _token_count(cfg, visual)
         self.embed_dim = projection.shape[1] if projection is not None else self.width
+        self.adapters = None  # attach_block_adapters (LaVIN): one module per block on ln_1's output
         self.requires_grad_(False)
         # Visual prompt tokens (VPT-shallow): learnable tokens inserted after [CLS], tuned by loss_IE
         # when CLIP has no adapters. Inserted only when `prompts_active` (a stage trains or inherited them).
@@ -141,24 +155,85 @@ class ClipEncoder(nn.Module):
             pooled = pooled @ visual.proj
         return pooled, tokens[:, self.prompts.shape[0]:]
 
+    def attach_block_adapters(self, adapters: nn.ModuleList) -> None:
+        """One adapter per visual block, applied to ln_1's output: `x + Attn(adapter(ln_1(x)))`. Each adapter
+        sees batch-first tokens [B, N, width] (position 0 = each sample's [CLS]) whatever the tower's layout."""
+        transformer = self.model.visual.transformer
+        blocks = list(transformer.resblocks)
+        if len(adapters) != len(blocks) or not all(hasattr(block, "ln_1") for block in blocks):
+            raise EimError(f"cannot place {len(adapters)} adapters in a ViT of {len(blocks)} blocks",
+                           where="model.clip.name", hint="use a standard open_clip ViT (blocks with ln_1)")
+        self.adapters = adapters
+        batch_first = getattr(transformer, "batch_first", True)
+        for block, adapter in zip(blocks, adapters):
+            block.ln_1.register_forward_hook(partial(_adapted, adapter, batch_first))
+
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, T, feature_dim]; T = 1 (pooled) or 1 + patches (full)."""
+        """[B, 3, H, W] -> [B, T, feature_dim]; T = 1 (pooled), 1 + patches (full), depth // k (cls_every_k)
+        or grid_tokens (pooled_grid)."""
+        if self.tokens == "cls_every_k":
+            return self._cls_every_k(pixels)
         pooled, patches = self._visual(pixels)
         if self.tokens == "pooled":
             return pooled.unsqueeze(1)
         proj = self.model.visual.proj
         if proj is not None:
             patches = patches @ proj
+        if self.tokens == "pooled_grid":
+            patches = _pooled_grid(patches, self.model.visual.grid_size, self.grid_tokens)
         return torch.cat([pooled.unsqueeze(1), patches], dim=1)
 
+    def _cls_every_k(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The raw [CLS] (no ln_post, no projection) after blocks k, 2k, ...: [B, depth // k, width]."""
+        visual = self.model.visual
+        x = visual._embeds(pixels)
+        offsets = []
+        if self.prompts_active and self.prompts_network is not None:
+            offsets = self.prompts_network.offsets()
+        elif self.prompts_active:
+            prompts = self.prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
+        transformer = visual.transformer
+        batch_first = getattr(transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1).contiguous()
+        taken = []
+        for number, block in enumerate(transformer.resblocks):
+            if number < len(offsets):
+                offset = offsets[number].to(x.dtype)
+                x = x + (offset if batch_first else offset.unsqueeze(1))
+            if transformer.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(block, x, None, None, None, use_reentrant=False)
+            else:
+                x = block(x, attn_mask=None)
+            if (number + 1) % self.cls_every == 0:
+                taken.append(x[:, 0] if batch_first else x[0])
+        return torch.stack(taken, dim=1)
+
     def ie_query(self, features: torch.Tensor) -> torch.Tensor:
-        """loss_IE's query: the [CLS] feature mapped into CLIP's joint (text) space."""
+        """loss_IE's query: the [CLS] feature mapped into CLIP's joint (text) space. With cls_every_k the
+        last feature is the final block's raw [CLS] (when k divides the depth): ln_post, then the projection."""
+        if self.tokens == "cls_every_k":
+            cls = self.model.visual.ln_post(self._final_cls(features))
+            if self.ie_head is not None:
+                return self.ie_head(cls)
+            if self.original_projection is not None:
+                return cls @ self.original_projection.to(cls.dtype)
+            return cls
         cls = features[:, 0]
         if self.ie_head is not None:
             return self.ie_head(cls)
         if self.model.visual.proj is None and self.original_projection is not None:
             return cls @ self.original_projection.to(cls.dtype)  # frozen, inside the loss only
         return cls
+
+    def _final_cls(self, features: torch.Tensor) -> torch.Tensor:
+        depth = len(self.model.visual.transformer.resblocks)
+        if depth % self.cls_every:
+            raise EimError(f"loss_IE needs the final block's [CLS], but model.clip.cls_every={self.cls_every} does "
+                           f"not divide the ViT's {depth} blocks", where="model.clip.cls_every",
+                           hint=f"choose a divisor of {depth}")
+        return features[:, -1]
 
     def encode_text(self, texts: list[str]) -> torch.Tensor:
         """CLIP.text [EOS] features in the joint space: [B, embed_dim]."""
@@ -169,3 +244,54 @@ class ClipEncoder(nn.Module):
         """CLIP.text [EOS] features of already tokenised text (the tokenizer is pure Python: callers
         tokenise ahead of the encoder)."""
         return self.model.encode_text(ids)
+
+
+def clip_tuning_options(config, *, groups: set[str], losses: set[str], active: set[str]) -> dict:
+    """ClipEncoder's keyword arguments for loss_IE's CLIP tuning module, as a family's schedule asks for it.
+
+    `clip_prompts` in `groups`: the prompt network (eim.clip_tuning=network) or eim.prompt_tokens shallow
+    prompt tokens; `ie_head`: a linear head when eim.ie_query=linear-head and the schedule uses loss_IE.
+    The module is switched on only when `clip_prompts` is active (trained now or inherited)."""
+    eim = config.eim
+    network = "clip_prompts" in groups and eim.clip_tuning == "network"
+    if "clip_prompts" in groups and not network and eim.prompt_tokens == 0:
+        raise EimError("the schedule trains clip_prompts but eim.prompt_tokens=0", where="config",
+                       hint="set eim.prompt_tokens to e.g. 8, or eim.clip_tuning=network")
+    if "ie_head" in groups and eim.ie_query != "linear-head":
+        raise EimError("the schedule trains ie_head but eim.ie_query is not linear-head", where="config",
+                       hint="set eim.ie_query=linear-head")
+    return {"prompt_tokens": eim.prompt_tokens if "clip_prompts" in groups and not network else 0,
+            "ie_head": eim.ie_query == "linear-head" and "ie" in losses,
+            "prompts_active": "clip_prompts" in active,
+            "prompt_network": PromptNetworkSpec(eim.prompt_hidden, eim.prompt_depth) if network else None}
+
+
+def _token_count(cfg: ClipConfig, visual) -> int:
+    """Tokens per image of `cfg.tokens`, checked against the tower."""
+    grid = visual.grid_size
+    if cfg.tokens == "cls_every_k":
+        depth = len(visual.transformer.resblocks)
+        if not 1 <= cfg.cls_every <= depth:
+            raise EimError(f"model.clip.cls_every={cfg.cls_every} does not fit a ViT of {depth} blocks",
+                           where="model.clip.cls_every", hint=f"choose 1..{depth} (a divisor, for loss_IE)")
+        if getattr(visual, "pool_type", "tok") != "tok" or getattr(visual, "attn_pool", None) is not None:
+            raise EimError("tokens=cls_every_k needs a ViT that pools the [CLS] token", where="model.clip.tokens",
+                           hint="use a standard CLIP ViT")
+        return depth // cfg.cls_every
+    if cfg.tokens == "pooled_grid":
+        return cfg.grid_tokens
+    return 1 if cfg.tokens == "pooled" else 1 + grid[0] * grid[1]
+
+
+def _pooled_grid(patches: torch.Tensor, grid: tuple[int, int], grid_tokens: int) -> torch.Tensor:
+    """[B, g0*g1, d] patch tokens -> [B, n*n, d], adaptive-average-pooled to n x n (grid_tokens = 1 + n*n)."""
+    side = math.isqrt(grid_tokens - 1)
+    image = patches.transpose(1, 2).unflatten(2, tuple(grid))          # [B, d, g0, g1]
+    return F.adaptive_avg_pool2d(image, side).flatten(2).transpose(1, 2)
+
+
+def _adapted(adapter, batch_first: bool, module, args, output):
+    """Forward hook on a block's ln_1: the adapter applied to its (batch-first) output."""
+    if batch_first:
+        return adapter(output)
+    return adapter(output.transpose(0, 1)).transpose(0, 1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eimctl.models.clip import ClipEncoder
+from eimctl.models.clip import ClipEncoder, clip_tuning_options
 from eimctl.models.clip_tuning import PromptNetworkSpec
 from eimctl.models.generate import generate_captions
 from eimctl.models.lm import final_hidden, load_lm
@@ -101,16 +101,4 @@ class ClipCap(nn.Module):
 
 
 def build(config, *, groups: set[str], losses: set[str], active: set[str]) -> ClipCap:
-    eim = config.eim
-    network = "clip_prompts" in groups and eim.clip_tuning == "network"
-    if "clip_prompts" in groups and not network and eim.prompt_tokens == 0:
-        raise EimError("the schedule trains clip_prompts but eim.prompt_tokens=0", where="config",
-                       hint="set eim.prompt_tokens to e.g. 8, or eim.clip_tuning=network")
-    if "ie_head" in groups and config.eim.ie_query != "linear-head":
-        raise EimError("the schedule trains ie_head but eim.ie_query is not linear-head", where="config",
-                       hint="set eim.ie_query=linear-head")
-    prompts = eim.prompt_tokens if "clip_prompts" in groups and not network else 0
-    ie_head = eim.ie_query == "linear-head" and "ie" in losses
-    spec = PromptNetworkSpec(eim.prompt_hidden, eim.prompt_depth) if network else None
-    return ClipCap(config.model, prompt_tokens=prompts, ie_head=ie_head, prompts_active="clip_prompts" in active,
-                   prompt_network=spec)
+    return ClipCap(config.model, **clip_tuning_options(config, groups=groups, losses=losses, active=active))

@@ -13,7 +13,8 @@ import importlib
 
 from eimctl.runtime.errors import EimError
 
-FAMILIES: dict[str, str] = {"clipcap": "eimctl.models.clipcap"}
+FAMILIES: dict[str, str] = {"clipcap": "eimctl.models.clipcap", "llama-adapter": "eimctl.models.llama_adapter",
+                            "lavin": "eimctl.models.lavin"}
 
 
 def get_family(name: str):

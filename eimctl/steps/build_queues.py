@@ -41,7 +41,7 @@ from eimctl.runtime.errors import EimError
 from eimctl.runtime.interrupts import PartsInterrupted, StopSignals
 from eimctl.runtime.progress import StepProgress, log
 from eimctl.runtime.rundir import skip_or_run, write_manifest
-from eimctl.tasks import get_task
+from eimctl.tasks import formatter, get_task
 
 PART_ROWS = 16_384
 BATCH = 256
@@ -191,7 +191,7 @@ def build_queues(config: Config, *, force: bool = False, show: bool = True) -> P
     device = resolve_device(config.train.device)
     model, _ = build_model(config, groups=set(), losses=set())
     model.to(device).eval()
-    tokens = tokenize_for_training(model.tokenizer, [task.format(s) for s in train.samples], config.data,
+    tokens = tokenize_for_training(model.tokenizer, list(map(formatter(task, config), train.samples)), config.data,
                                    f"{config.data.path} (train)", show)
     texts = [task.clip_text(s) for s in train.samples]
     sample_ids = [s.sample_id for s in train.samples]

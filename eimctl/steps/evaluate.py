@@ -1,10 +1,13 @@
 """`eimctl evaluate TASK`: score a trained stage on a task's benchmark.
 
     eimctl evaluate coco --run-dir runs/demo --stage base
+    eimctl evaluate scienceqa --problems problems.json --results results.json --out scores/
 
 The stage's model is rebuilt from its manifest's config and final weights; the
 task (eimctl/tasks/) generates its predictions and scores them. Results go to
-`<run>/eval/<stage>-<task>/` (predictions, metrics.json, manifest.json last).
+`<run>/eval/<stage>-<task>/` (predictions, metrics.json, manifest.json last). A task that can score
+a results file written elsewhere (`score_file`, e.g. scienceqa) does so without any run directory:
+`score_results_file` writes `<out>/metrics.json`.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
-from eimctl.config import Config, fingerprint, load_config
+from eimctl.config import Config, fingerprint, load_config, to_dict
 from eimctl.eim.diagnostics import summary_line, validation_diagnostics
 from eimctl.eim.schedule import resolve_schedule, schedule_uses
 from eimctl.models.factory import build_model
@@ -42,9 +45,9 @@ def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None, 
     generate is refused unless `force`."""
     folder = stage_dir(run_dir, stage)
     for item in overrides or []:
-        if not item.startswith(("eval.", "train.device=")):
-            raise EimError(f"evaluate accepts eval.* and train.device overrides only, not '{item}'",
-                           hint="model and data come from the trained stage's manifest")
+        if not item.startswith(("eval.", "train.device=", "scienceqa.parse")):
+            raise EimError(f"evaluate accepts eval.*, scienceqa.parse* and train.device overrides only, not "
+                           f"'{item}'", hint="model and data come from the trained stage's manifest")
     manifest = require_upstream(folder, f"stage '{stage}'", f"eimctl train-stage {stage} --run-dir {run_dir}")
     config: Config = load_config(base=manifest["config"], overrides=overrides)
     specs = resolve_schedule(config)
@@ -63,9 +66,13 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
     started = time.time()
     task, options = get_task(task_name, where="eimctl evaluate TASK"), options or {}
     config, model, upstream = load_trained(run_dir, stage, overrides, force=force)
-    out = eval_dir(run_dir, stage, task.name)
+    # the image-ablation control is its own evaluation, next to the real one
+    out = eval_dir(run_dir, stage, task.name + ("-zero-images" if config.eval.zero_images else ""))
     fingerprints = {"upstream": fingerprint(upstream["fingerprints"]), "eval": fingerprint(vars(config.eval)),
                     **{key: str(value or "") for key, value in options.items()}}
+    section = getattr(config, task.name.replace("-", "_"), None)  # the task's own options (parse mode, ...)
+    if section is not None:
+        fingerprints["task"] = fingerprint(to_dict(section))
     if skip_or_run(out, f"evaluation of '{stage}'", fingerprints, force=force) == "skip":
         log(f"evaluation already complete in {out} — skipping; --force reruns it", show)
         return out
@@ -87,3 +94,16 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
                    started=started, outputs=[*task.outputs, "metrics.json"],
                    extra={"stage": stage, "benchmark": task.name})
     return out
+
+
+def score_results_file(task_name: str, problems: Path, results: Path, out: Path, split: str = "test") -> Path:
+    """Score an existing results file with the task's official scorer; returns `<out>/metrics.json`."""
+    task = get_task(task_name, where="eimctl evaluate TASK")
+    score_file = getattr(task, "score_file", None)
+    if score_file is None:
+        raise EimError(f"task '{task.name}' cannot score a results file", where="eimctl evaluate --results",
+                       hint="evaluate a trained stage with --run-dir and --stage instead")
+    result = score_file(Path(problems), Path(results), split)
+    path = Path(out) / "metrics.json"
+    write_json(path, result)
+    return path

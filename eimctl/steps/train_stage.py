@@ -34,7 +34,7 @@ from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.progress import log
 from eimctl.runtime.rundir import require_upstream, skip_or_run, stage_dir, write_manifest
 from eimctl.runtime.weights import WEIGHTS, save_weights
-from eimctl.tasks import get_task
+from eimctl.tasks import formatter, get_task
 from eimctl.train.batches import image_inputs, make_collate
 from eimctl.train.loop import fit
 
@@ -85,7 +85,7 @@ class StageRecipe:
                                    self.show)
         if self.train.compile:
             self.model.compile_for_training()
-        tokens = tokenize_for_training(self.model.tokenizer, [task.format(s) for s in self.data.samples],
+        tokens = tokenize_for_training(self.model.tokenizer, list(map(formatter(task, config), self.data.samples)),
                                        config.data, f"{config.data.path} (train)", self.show)
         images_for = image_inputs(self.model, self.stage_config, self.data,
                                   self.run_dir / "cache", self.device, self.show)
