@@ -213,19 +213,36 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run dire
                baseline=(group, stage or "base"))
 
 
+DEMO_KINDS = ("captions", "scienceqa")
+
+
+def _demo_kind(kind: str) -> str:
+    if kind not in DEMO_KINDS:
+        raise EimError(f"--kind must be one of {', '.join(DEMO_KINDS)}, not '{kind}'", where="eimctl demo-*",
+                       hint="captions: the COCO-style demo; scienceqa: the ScienceQA-format demo")
+    return kind
+
+
 @app.command("demo-data")
 @user_errors
 def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write the data set."),
+              kind: str = typer.Option("captions", help="captions (rendered scenes with captions, JSONL) or "
+                                                        "scienceqa (the official problems.json layout over the "
+                                                        "same scenes)."),
               seed: int = typer.Option(0, help="Seed of the scenes and captions (same seed, same files)."),
               world_images: int = typer.Option(6000, help="Images in the pretraining corpus of the demo's "
                                                           "CLIP and LM (all compositions)."),
               train_images: int = typer.Option(520, help="Images in the captioner's training split (2 "
                                                          "captions each; held-out compositions excluded)."),
               quiet: bool = QUIET):
-    """Generate the embedded demo data set: rendered scenes with describing captions (JSONL)."""
-    from eimctl.data.demo import generate_demo_data
-
-    summary = generate_demo_data(out, seed=seed, n_world_images=world_images, n_train_images=train_images)
+    """Generate an embedded demo data set: rendered scenes with describing captions, or ScienceQA problems."""
+    if _demo_kind(kind) == "scienceqa":
+        from eimctl.data.scienceqa_demo import generate_scienceqa_demo
+        # every TXT problem answerable from its hint alone, so the image ablation reads cleanly
+        summary = generate_scienceqa_demo(out, seed=seed, text_image_share=0.0)
+    else:
+        from eimctl.data.demo import generate_demo_data
+        summary = generate_demo_data(out, seed=seed, n_world_images=world_images, n_train_images=train_images)
     if not quiet:
         print(f"demo data in {out}: {summary}")
 
@@ -233,15 +250,27 @@ def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write t
 @app.command("demo-pretrain")
 @user_errors
 def demo_pretrain(data: Path = typer.Option(Path("demo/data"), help="Demo data folder (from demo-data)."),
-                  out: Path = typer.Option(Path("demo/models"), help="Where to write clip/ and lm/."),
+                  out: Path = typer.Option(Path("demo/models"), help="Where to write the models."),
+                  kind: str = typer.Option("captions", help="captions: the CLIP and GPT-2-style LM (clip/, lm/) "
+                                                            "on the caption demo's world split; scienceqa: a "
+                                                            "tiny LLaMA (llama/) on the ScienceQA demo's text."),
+                  only: str = typer.Option("", help="captions only: 'clip' or 'lm' to pretrain just one."),
                   seed: int = typer.Option(0, help="Seed of the models' initialisation and data order."),
                   quiet: bool = QUIET):
-    """Pretrain the demo's small CLIP and LM on the demo's world split (stand-ins for CLIP and GPT-2)."""
+    """Pretrain the demo's small models (stand-ins for CLIP, GPT-2 and LLaMA), each skipped when done."""
+    log = (lambda *_: None) if quiet else print
+    if _demo_kind(kind) == "scienceqa":
+        from eimctl.demo.pretrain_llama import pretrain_demo_llama
+        pretrain_demo_llama(data, out, seed=seed, log=log)
+        return
     from eimctl.demo.pretrain import pretrain_demo_clip, pretrain_demo_lm
 
-    log = (lambda *_: None) if quiet else print
-    pretrain_demo_clip(data, out, seed=seed, log=log)
-    pretrain_demo_lm(data, out, seed=seed, log=log)
+    if only not in ("", "clip", "lm"):
+        raise EimError(f"--only must be clip or lm, not '{only}'", where="eimctl demo-pretrain")
+    if only in ("", "clip"):
+        pretrain_demo_clip(data, out, seed=seed, log=log)
+    if only in ("", "lm"):
+        pretrain_demo_lm(data, out, seed=seed, log=log)
 
 
 def main() -> None:

@@ -337,3 +337,12 @@ def test_cli_scores_a_results_file(tmp_path: Path):
 
     incomplete = runner.invoke(app, ["evaluate", "scienceqa", "--results", str(results)])
     assert incomplete.exit_code == 1 and "--results needs --problems and --out" in incomplete.output
+
+
+def test_expected_chance_by_hand():
+    from eimctl.evaluate.scienceqa_scoring import expected_chance
+    rows = {"1": problem(choices=["a", "b"], answer=0, hint="h"), "2": problem(choices=["a", "b", "c", "d"], answer=1)}
+    table = expected_chance(rows)
+    assert table["acc_average"] == "37.50"          # (1/2 + 1/4) / 2
+    assert table["acc_has_text"] == "50.00" and table["acc_no_context"] == "25.00"
+    assert table["acc_grade_1_6"] == "37.50" and table["acc_grade_7_12"] == -1 and table["acc_has_image"] == -1

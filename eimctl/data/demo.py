@@ -156,6 +156,12 @@ def _render_scene(objects: list[SceneObject], rng: np.random.Generator, image_si
     return image
 
 
+def render_scene(objects: list[SceneObject], rng: np.random.Generator, image_size: int) -> Image.Image:
+    """The demo's renderer for a given list of objects (in distinct cells), for other synthetic sets
+    built on the same scenes (data/scienceqa_demo.py); it draws background, jitter and noise from `rng`."""
+    return _render_scene(objects, rng, image_size)
+
+
 def _join(phrases: list[str]) -> str:
     if len(phrases) == 1:
         return phrases[0]

@@ -123,8 +123,22 @@ def control_results(rows: dict[str, dict], seed: int) -> dict[str, dict[str, int
 
 
 def control_scores(rows: dict[str, dict], seed: int) -> dict[str, dict]:
-    return {name: official_scores(rows, results, where=f"control {name}")
-            for name, results in control_results(rows, seed).items()}
+    scores = {name: official_scores(rows, results, where=f"control {name}")
+              for name, results in control_results(rows, seed).items()}
+    scores["chance"] = expected_chance(rows)
+    return scores
+
+
+def expected_chance(rows: dict[str, dict]) -> dict:
+    """The expected accuracy of a uniform guess (the mean of 1/number of choices) in the official table's form."""
+    def chance(members: list[dict]):
+        return "{:.2f}".format(100 * sum(1 / len(r["choices"]) for r in members) / len(members)) if members else -1
+    table = {key: chance([row for row in rows.values() if test(row)]) for key, test in CATEGORIES.items()}
+    table["acc_average"] = chance(list(rows.values()))
+    topics = sorted({row["topic"] for row in rows.values()} - set(OFFICIAL_TOPICS))
+    for topic in (*OFFICIAL_TOPICS, *topics):
+        table["acc_" + topic] = chance([row for row in rows.values() if row["topic"] == topic])
+    return table
 
 
 def read_results(path: Path) -> dict:

@@ -31,12 +31,15 @@ from eimctl.evaluate.diagnostic_figures import (diagnostic_columns, diagnostics_
                                                val_figures)
 from eimctl.evaluate.aggregate import (CAPTION_METRICS, aggregate_markdown, aggregate_rows, format_seconds,
                                        paired_markdown, summary_markdown)
+from eimctl.evaluate.scienceqa_gate import gate_section
 from eimctl.evaluate.plots import plot_loss_overlay, plot_scores, plot_stage_losses
 from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.rundir import step_status
 
 # The schedules' training order; other stage names follow alphabetically.
-STAGE_ORDER = ("base", "st", "st-base", "lm", "lm-base", "base-ie")
+STAGE_ORDER = ("base", "st", "st-base", "lm", "lm-base", "adapter", "base-ie")
+# Other benchmarks' columns in their papers' order (ScienceQA's nine); the rest alphabetically.
+ORDERED_METRICS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1-6", "G7-12", "Avg")
 
 
 
@@ -127,6 +130,8 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
             notes.append(f"{label} skipped: metrics.json unreadable ({type(error).__name__})")
             continue
         stage, benchmark = str(result.get("stage", folder.name)), str(result.get("benchmark", "?"))
+        if result.get("zero_images"):  # the image-ablation control of a stage (eval.zero_images)
+            benchmark += " (images zeroed)"
         trained = stage_rows.get(stage, ReportRow(run=run, stage=stage))
         eval_rows.append(ReportRow(
             run=run, stage=stage, benchmark=benchmark, split=str(result.get("split", "")),
@@ -145,7 +150,16 @@ def _eval_rows(run: str, run_dir: Path, stage_rows: dict[str, ReportRow], notes:
             for metric, entry in sorted(baseline.items()):
                 notes.append(f"{benchmark} {result.get('split', '')}: best single caption for {metric}: "
                              f"\"{entry.get('caption')}\"")
+        eval_rows += _control_rows(run, run_dir, result)
     return eval_rows
+
+
+def _control_rows(run: str, run_dir: Path, result: dict) -> list[ReportRow]:
+    """The task's controls scored like a model (ScienceQA: always (A), uniform random, expected chance)."""
+    return [ReportRow(run=run, stage="-", benchmark=f"{result.get('benchmark', '?')} ({name.replace('_', ' ')})",
+                      group=run_dir.name, split=str(result.get("split", "")), is_baseline=True,
+                      metrics=dict(control.get("metrics", {})))
+            for name, control in sorted((result.get("controls") or {}).items())]
 
 
 def _collect(run_dirs: list[Path]) -> _Collected:
@@ -205,7 +219,8 @@ def _columns(rows: list[ReportRow]) -> list[tuple[str, callable]]:
     """(header, row -> cell text) for every column the rows need, shared by markdown and rich."""
     present = {name for row in rows for name in row.metrics}
     caption_metrics = [name for name in CAPTION_METRICS if name in present]
-    other_metrics = sorted(present - set(CAPTION_METRICS))
+    other_metrics = [name for name in ORDERED_METRICS if name in present] + \
+        sorted(present - set(CAPTION_METRICS) - set(ORDERED_METRICS))
 
     def metric_cell(name: str, scale: float):
         def cell(row: ReportRow) -> str:
@@ -319,6 +334,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,
                   "a floor to beat.", "", _markdown_table(collected.rows), ""]
     else:
         lines += ["No complete stages or evaluations found.", ""]
+    lines += gate_section(collected.rows)
     lines += diagnostics_section(collected.diagnostics)
     if collected.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in collected.notes] + [""]

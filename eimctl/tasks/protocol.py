@@ -31,3 +31,9 @@ class Task(Protocol):
 
     def summary(self, result: dict) -> list[str]:
         """Lines for the terminal after an evaluation."""
+
+    # Optional members:
+    # configured(config) -> (sample -> (instruction, response))   a task with a config section (tasks/__init__.py)
+    # score_file(problems, results, split) -> dict                `eimctl evaluate <task> --results F` (no run)
+    # A result may carry "controls": {name: {"metrics": {...}}} (e.g. always-A, chance), which the report shows as
+    # rows of their own, and "zero_images" (eval.zero_images: the image-ablation control).
