@@ -16,7 +16,7 @@ SEEDS ?= 1 2 3
 SEEDS_RUN ?= runs/demo-seeds
 EIMCTL := $(VENV)/bin/eimctl
 
-.PHONY: install test demo demo-progression demo-text demo-seeds demo-scienceqa demo-scienceqa-family bench clean-demo help
+.PHONY: install test demo demo-progression demo-text demo-seeds demo-scienceqa demo-scienceqa-family demo-chat bench clean-demo help
 
 help:
 	@echo "make demo   install, then run the embedded demo (data -> pretrain -> train -> evaluate -> report)"
@@ -24,6 +24,7 @@ help:
 	@echo "make demo-seeds  the demo's whole progression over SEEDS (default 1 2 3): mean, spread, paired differences"
 	@echo "make bench  install, then run the benchmarks"
 	@echo "make demo-scienceqa  LLaMA-Adapter and LaVIN, baseline vs EIM, on the embedded ScienceQA-format demo"
+	@echo "make demo-chat  LaVIN instruction-tuned, baseline vs EIM, scored on MME-format pairs; chat transcripts"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -81,8 +82,8 @@ demo-seeds: install
 	    --aggregate --out $(SEEDS_RUN)/report
 
 # The embedded ScienceQA demo (README "The ScienceQA demo"): the caption demo's CLIP, a tiny LLaMA pretrained on
-# the generated set's text, then for each family the baseline (loss_base alone, 8 epochs) and EIM
-# (st -> lm -> adapter -> base-ie, 4 epochs each), each scored on the test split and with images zeroed.
+# the generated set's text, then for each family the baseline (loss_base alone, 4 epochs) and EIM
+# (st -> lm -> adapter -> base-ie, 2 epochs each), each scored on the test split and with images zeroed.
 SQA_DIR ?= $(DEMO_DIR)/scienceqa
 SQA_RUN ?= runs/demo-scienceqa
 SQA_FAMILIES ?= llama-adapter lavin
@@ -97,7 +98,7 @@ demo-scienceqa: install
 	$(EIMCTL) report $(foreach f,$(SQA_FAMILIES),$(SQA_RUN)/$(f)-base $(SQA_RUN)/$(f)-eim) --out $(SQA_RUN)/report
 
 demo-scienceqa-family:
-	$(EIMCTL) train-stage base --run-dir $(SQA_RUN)/$(FAMILY)-base $(SQA_CFG) train.epochs=8 train.warmup_epochs=0.8
+	$(EIMCTL) train-stage base --run-dir $(SQA_RUN)/$(FAMILY)-base $(SQA_CFG) train.epochs=4 train.warmup_epochs=0.4
 	$(EIMCTL) build-queues $(SQA_CFG)
 	for stage in st lm adapter base-ie; do \
 	    $(EIMCTL) train-stage $$stage --run-dir $(SQA_RUN)/$(FAMILY)-eim $(SQA_CFG) || exit 1; done
@@ -106,5 +107,27 @@ demo-scienceqa-family:
 	    $(EIMCTL) evaluate scienceqa --run-dir $(SQA_RUN)/$(FAMILY)-$${run%%:*} --stage $${run#*:} -q \
 	        eval.zero_images=true || exit 1; done
 
+# The embedded chat demo (README "The chat demo"): LaVIN on generated instruction data, the baseline (loss_base,
+# 4 epochs) and EIM (st -> lm -> adapter -> base-ie, 2 epochs each), MME-format scores and chat transcripts.
+CHAT_DIR ?= $(DEMO_DIR)/chat
+CHAT_RUN ?= runs/demo-chat
+CHAT_CFG = --config examples/demo-chat.yaml
+
+demo-chat: install
+	$(EIMCTL) demo-data --out $(DEMO_DIR)/data
+	$(EIMCTL) demo-pretrain --data $(DEMO_DIR)/data --out $(DEMO_DIR)/models --only clip
+	$(EIMCTL) demo-data --kind chat --out $(CHAT_DIR)
+	$(EIMCTL) demo-pretrain --kind chat --data $(CHAT_DIR) --out $(CHAT_DIR)/models
+	$(EIMCTL) train-stage base --run-dir $(CHAT_RUN)/lavin-base $(CHAT_CFG) train.epochs=4 train.warmup_epochs=0.4
+	$(EIMCTL) build-queues $(CHAT_CFG)
+	for stage in st lm adapter base-ie; do $(EIMCTL) train-stage $$stage --run-dir $(CHAT_RUN)/lavin-eim $(CHAT_CFG) || exit 1; done
+	for run in base:base eim:base-ie; do \
+	    $(EIMCTL) evaluate mme --run-dir $(CHAT_RUN)/lavin-$${run%%:*} --stage $${run#*:} --mme-root $(CHAT_DIR)/mme \
+	        || exit 1; \
+	    mkdir -p $(CHAT_RUN)/lavin-$${run%%:*}/chat; \
+	    $(EIMCTL) chat --run-dir $(CHAT_RUN)/lavin-$${run%%:*} --stage $${run#*:} --batch examples/demo-chat-prompts.jsonl \
+	        --out $(CHAT_RUN)/lavin-$${run%%:*}/chat/$${run#*:}.jsonl || exit 1; done
+	$(EIMCTL) report $(CHAT_RUN)/lavin-base $(CHAT_RUN)/lavin-eim --out $(CHAT_RUN)/report
+
 clean-demo:
-	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(SEEDS_RUN) $(SQA_RUN) queues/data-* queues/scienceqa-*
+	rm -rf $(DEMO_DIR) $(DEMO_RUN) $(SEEDS_RUN) $(SQA_RUN) $(CHAT_RUN) queues/data-* queues/scienceqa-* queues/train-*

@@ -130,7 +130,8 @@ def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY
 @user_errors
 def evaluate(task: str = typer.Argument(..., help="The task whose benchmark scores the stage: "
                                                   "coco (captioning: BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE); "
-                                                  "scienceqa (ScienceQA's official accuracy table: NAT ... Avg)."),
+                                                  "scienceqa (ScienceQA's official accuracy table: NAT ... Avg); "
+                                                  "mme (MME's official perception and cognition scores)."),
              overrides: Optional[List[str]] = typer.Argument(None, help="eval.* overrides, e.g. eval.beam_size=3"),
              run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory: holds stages/, eval/, "
                                                                            "report/ of one run."),
@@ -142,7 +143,12 @@ def evaluate(task: str = typer.Argument(..., help="The task whose benchmark scor
              results: Optional[Path] = typer.Option(None, help="Score this results file instead of a trained stage "
                                                                "(scienceqa: {\"results\": {qid: index}} or {qid: "
                                                                "index}); needs --problems and --out."),
-             out: Optional[Path] = typer.Option(None, help="With --results: folder for metrics.json."),
+             answers: Optional[Path] = typer.Option(None, help="mme: score this folder of answer files (<subtask>.txt, "
+                                                               "image<TAB>question<TAB>gt<TAB>prediction) instead of "
+                                                               "a trained stage; all 14 subtasks; needs --out."),
+             mme_root: Optional[Path] = typer.Option(None, help="mme: the MME release folder (one folder per subtask) "
+                                                                "to evaluate on, instead of the stage's data.path."),
+             out: Optional[Path] = typer.Option(None, help="With --results or --answers: folder for metrics.json."),
              split: str = typer.Option("test", help="With --results: the problems' split scored (official: test)."),
              force: bool = typer.Option(False, "--force", help="Redo a complete evaluation; also score a stage "
                                                               "trained without loss_base (st, lm), which is "
@@ -150,31 +156,49 @@ def evaluate(task: str = typer.Argument(..., help="The task whose benchmark scor
              quiet: bool = QUIET):
     """Score a trained stage on a task's benchmark (eimctl/tasks/): generate, then score officially.
 
-    With --results, score an existing results file instead (no run directory, no model).
+    With --results (scienceqa) or --answers (mme), score files written elsewhere instead (no run directory,
+    no model).
     """
-    if results is not None:
-        _score_file_and_print(task, problems, results, out, split, quiet)
+    if results is not None or answers is not None:
+        _score_file_and_print(task, problems, results, answers, out, split, quiet)
         return
     if problems is not None or out is not None:
-        raise EimError("--problems and --out go with --results", where="eimctl evaluate",
+        raise EimError("--problems and --out go with --results (--out also with --answers)", where="eimctl evaluate",
                        hint="pass --results FILE to score a file, or drop them to evaluate a trained stage")
     if run_dir is None:
         raise EimError("missing option --run-dir", where="eimctl evaluate",
                        hint="pass --run-dir RUN (or --results FILE --problems P --out DIR to score a file)")
-    _evaluate_and_print(task, run_dir, stage, overrides, {"spice_jars": spice_jars}, force, quiet)
+    options = {"spice_jars": spice_jars}
+    if task == "mme":  # always fingerprinted, so an evaluation on another MME folder is not taken for this one
+        options["mme_root"] = mme_root
+    elif mme_root is not None:
+        raise EimError("--mme-root goes with the mme task", where="eimctl evaluate",
+                       hint=f"drop --mme-root, or run `eimctl evaluate mme` (not {task})")
+    _evaluate_and_print(task, run_dir, stage, overrides, options, force, quiet)
 
 
-def _score_file_and_print(task_name: str, problems: Optional[Path], results: Path, out: Optional[Path], split: str,
-                          quiet: bool) -> None:
+def _score_file_and_print(task_name: str, problems: Optional[Path], results: Optional[Path],
+                          answers: Optional[Path], out: Optional[Path], split: str, quiet: bool) -> None:
     import json
     from eimctl.steps.evaluate import score_results_file
     from eimctl.tasks import get_task
 
-    missing = [name for name, value in (("--problems", problems), ("--out", out)) if value is None]
+    if results is not None and answers is not None:
+        raise EimError("pass --results or --answers, not both", where="eimctl evaluate",
+                       hint="--results FILE for scienceqa, --answers DIR for mme")
+    flag, needed = (("--answers", [("--out", out)]) if answers is not None
+                    else ("--results", [("--problems", problems), ("--out", out)]))
+    missing = [name for name, value in needed if value is None]
     if missing:
-        raise EimError(f"--results needs {' and '.join(missing)}", where="eimctl evaluate",
-                       hint="pass --problems problems.json --results FILE --out DIR")
-    path = score_results_file(task_name, problems, results, out, split)
+        raise EimError(f"{flag} needs {' and '.join(missing)}", where="eimctl evaluate",
+                       hint="pass --problems problems.json --results FILE --out DIR (scienceqa), or --answers DIR "
+                            "--out DIR (mme)")
+    if answers is not None and problems is not None:
+        raise EimError("--problems goes with --results, not --answers", where="eimctl evaluate",
+                       hint="drop --problems")
+    inputs = {"answers": answers} if answers is not None else {"problems": problems, "results": results,
+                                                                "split": split}
+    path = score_results_file(task_name, inputs, out)
     if not quiet:
         lines = get_task(task_name).summary(json.loads(path.read_text()))
         print(f"{lines[0]}  -> {path}")
@@ -196,6 +220,36 @@ def _evaluate_and_print(task_name: str, run_dir: Path, stage: str, overrides, op
             print(line)
 
 
+@app.command("chat")
+@user_errors
+def chat(run_dir: Path = RUN_DIR,
+         stage: str = typer.Option("base", help="Trained stage to talk to (a lavin or llama-adapter stage)."),
+         image: Optional[Path] = typer.Option(None, help="Image for the instruction (interactive: the first one; "
+                                                         "switch with /image PATH, drop with /noimage)."),
+         instruction: Optional[str] = typer.Option(None, help="Answer this one instruction (streamed) and exit."),
+         batch: Optional[Path] = typer.Option(None, help="JSONL file, one {\"instruction\": str, \"image\": "
+                                                         "optional path relative to the file} a line; answered "
+                                                         "in batches of eval.batch_size."),
+         out: Optional[Path] = typer.Option(None, help="With --batch: write the answers here (JSONL: instruction, "
+                                                       "image, response; default stdout)."),
+         max_new_tokens: int = typer.Option(128, help="Most tokens per answer."),
+         temperature: float = typer.Option(0.0, help="0: greedy; > 0: top-p sampling at this temperature."),
+         top_p: float = typer.Option(0.9, help="Nucleus of the sampling (with --temperature > 0)."),
+         seed: int = typer.Option(0, help="Seed of the sampling: the same seed gives the same answers."),
+         force: bool = typer.Option(False, "--force", help="Also talk to a stage trained without loss_base "
+                                                          "(st, lm), which is refused otherwise.")):
+    """Talk to a trained stage: interactive (answers streamed), one instruction, or a JSONL batch.
+
+    Without --instruction and --batch, read instructions from stdin until an empty line or Ctrl-D.
+    """
+    from eimctl.steps.chat import Decoding, chat as run_chat
+    from eimctl.steps.evaluate import load_trained  # the stage's model, rebuilt as `evaluate` rebuilds it
+
+    decoding = Decoding(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    run_chat(load_trained, run_dir, stage, decoding, instruction=instruction, image=image, batch=batch, out=out,
+             force=force)
+
+
 @app.command("report")
 @user_errors
 def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run directories."),
@@ -213,22 +267,24 @@ def report(run_dirs: List[Path] = typer.Argument(..., help="One or more run dire
                baseline=(group, stage or "base"))
 
 
-DEMO_KINDS = ("captions", "scienceqa")
+DEMO_KINDS = ("captions", "scienceqa", "chat")
 
 
 def _demo_kind(kind: str) -> str:
     if kind not in DEMO_KINDS:
         raise EimError(f"--kind must be one of {', '.join(DEMO_KINDS)}, not '{kind}'", where="eimctl demo-*",
-                       hint="captions: the COCO-style demo; scienceqa: the ScienceQA-format demo")
+                       hint="captions: the COCO-style demo; scienceqa: the ScienceQA-format demo; chat: "
+                            "instruction data + MME-format questions")
     return kind
 
 
 @app.command("demo-data")
 @user_errors
 def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write the data set."),
-              kind: str = typer.Option("captions", help="captions (rendered scenes with captions, JSONL) or "
+              kind: str = typer.Option("captions", help="captions (rendered scenes with captions, JSONL), "
                                                         "scienceqa (the official problems.json layout over the "
-                                                        "same scenes)."),
+                                                        "same scenes) or chat (Alpaca/LLaVA-format instructions "
+                                                        "and MME-format yes/no questions)."),
               seed: int = typer.Option(0, help="Seed of the scenes and captions (same seed, same files)."),
               world_images: int = typer.Option(6000, help="Images in the pretraining corpus of the demo's "
                                                           "CLIP and LM (all compositions)."),
@@ -236,10 +292,15 @@ def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write t
                                                          "captions each; held-out compositions excluded)."),
               quiet: bool = QUIET):
     """Generate an embedded demo data set: rendered scenes with describing captions, or ScienceQA problems."""
-    if _demo_kind(kind) == "scienceqa":
+    if _demo_kind(kind) == "chat":
+        from eimctl.data.chat_demo import generate_chat_demo
+        summary = generate_chat_demo(out, seed=seed)
+    elif kind == "scienceqa":
         from eimctl.data.scienceqa_demo import generate_scienceqa_demo
         # every TXT problem answerable from its hint alone, so the image ablation reads cleanly
-        summary = generate_scienceqa_demo(out, seed=seed, text_image_share=0.0)
+        counts = generate_scienceqa_demo(out, seed=seed, text_image_share=0.0)["counts"]
+        summary = {split: counts[split]["problems"] for split in counts} | {
+            "test": {k: v for k, v in counts["test"].items() if k != "always_a_correct"}}
     else:
         from eimctl.data.demo import generate_demo_data
         summary = generate_demo_data(out, seed=seed, n_world_images=world_images, n_train_images=train_images)
@@ -252,16 +313,16 @@ def demo_data(out: Path = typer.Option(Path("demo/data"), help="Where to write t
 def demo_pretrain(data: Path = typer.Option(Path("demo/data"), help="Demo data folder (from demo-data)."),
                   out: Path = typer.Option(Path("demo/models"), help="Where to write the models."),
                   kind: str = typer.Option("captions", help="captions: the CLIP and GPT-2-style LM (clip/, lm/) "
-                                                            "on the caption demo's world split; scienceqa: a "
-                                                            "tiny LLaMA (llama/) on the ScienceQA demo's text."),
+                                                            "on the caption demo's world split; scienceqa / "
+                                                            "chat: a tiny LLaMA (llama/) on that demo's text."),
                   only: str = typer.Option("", help="captions only: 'clip' or 'lm' to pretrain just one."),
                   seed: int = typer.Option(0, help="Seed of the models' initialisation and data order."),
                   quiet: bool = QUIET):
     """Pretrain the demo's small models (stand-ins for CLIP, GPT-2 and LLaMA), each skipped when done."""
     log = (lambda *_: None) if quiet else print
-    if _demo_kind(kind) == "scienceqa":
+    if _demo_kind(kind) in ("scienceqa", "chat"):
         from eimctl.demo.pretrain_llama import pretrain_demo_llama
-        pretrain_demo_llama(data, out, seed=seed, log=log)
+        pretrain_demo_llama(data, out, seed=seed, log=log, documents="chat" if kind == "chat" else "problem")
         return
     from eimctl.demo.pretrain import pretrain_demo_clip, pretrain_demo_lm
 

@@ -73,6 +73,7 @@ class TrainConfig:
     pin_memory: bool = True          # page-locked batches for faster host-to-GPU copies (CUDA only)
     precision: str = "fp32"          # fp32 | bf16 (autocast to bfloat16; the InfoNCE stays float32)
     compile: bool = False            # torch.compile the projector and the LM (first steps compile)
+    grad_checkpointing: bool = False  # recompute the LM's layer activations in the backward pass (less memory)
     loggers: str = "jsonl"           # jsonl (metrics.jsonl only) | tensorboard (also <stage>/tensorboard/ events)
 
 
@@ -168,6 +169,7 @@ NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.warmup_ep
 NOT_FINGERPRINTED = {"train.loggers",
                      "train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
                      "train.checkpoint_minutes", "train.keep_checkpoints", "train.pin_memory", "train.compile",
+                     "train.grad_checkpointing",
                      "eval.batch_size", "eim.queues_dir", "eim.chunk_rows", "eim.queue_placement",
                      "eim.device_queue_dtype", "eim.duplicate_cosine", "eim.diagnostic_rows"}
 
@@ -371,7 +373,8 @@ def config_fingerprint(config: Config, sections: tuple[str, ...] = ("data", "mod
 # Keys added after run directories already existed: left out of the fingerprint while at their default, so a
 # stage trained before they existed stays complete (and one trained with another value does not).
 ADDED_LATER = {"train.blr": 0.0, "train.warmup_epochs": 0.0, "train.schedule": "linear", "train.decay_1d": True,
-               "train.adam_beta2": 0.999, "model.clip.cls_every": 4, "model.clip.grid_tokens": 50}
+               "train.adam_beta2": 0.999, "model.clip.cls_every": 4, "model.clip.grid_tokens": 50,
+               "model.lm.load_in_4bit": False}
 
 
 def _silent(key: str, value: Any, config: Config) -> bool:

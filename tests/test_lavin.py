@@ -42,7 +42,7 @@ def assets(tmp_path_factory) -> dict:
 def overrides(assets) -> list[str]:
     return [f"model.clip.name={assets['clip']}", "model.clip.pretrained=", f"model.lm.name={assets['lm']}",
             "model.family=lavin", "model.clip.tokens=cls_every_k", "model.clip.cls_every=2",
-            "model.lavin.adapter_dropout=0"]
+            "model.lavin.adapter_dropout=0", "model.lavin.bos=false"]
 
 
 def make(overrides: list[str], *extra: str, losses=("base",)):
@@ -326,3 +326,10 @@ def test_the_eim_schedule_runs_through_the_cli(overrides, assets, tmp_path):
     assert {"loss_lm"} <= set(metrics(run, "lm")[-1])
     result = runner.invoke(app, ["evaluate", "coco", "--run-dir", str(run), "--stage", "adapter", "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_bos_comes_before_the_image_block(overrides):
+    model = make(overrides, "model.lavin.bos=true")
+    bos = model.tokenizer.bos_token_id
+    assert model.image_prefix_ids[0] == bos and model.no_image_ids[0] == bos
+    assert model.image_prefix_ids[1:] == make(overrides).image_prefix_ids

@@ -36,7 +36,8 @@ def overrides(assets) -> list[str]:
     return [f"model.clip.name={assets['clip']}", "model.clip.pretrained=", f"model.lm.name={assets['lm']}",
             "model.family=llama-adapter", "model.clip.remove_projection=true", "model.clip.tokens=full",
             f"model.llama_adapter.layers={L}", f"model.llama_adapter.prompt_len={K}",
-            "model.llama_adapter.st_depth=2", "model.llama_adapter.st_heads=2"]
+            "model.llama_adapter.st_depth=2", "model.llama_adapter.st_heads=2",
+            "model.llama_adapter.bos=false"]   # exact comparisons with the plain LM on the same ids
 
 
 def make(overrides: list[str], *extra: str, groups=("st", "prompts", "gates"), losses=("base",)):
@@ -271,3 +272,20 @@ def test_the_eim_schedule_runs_through_the_cli(overrides, assets, tmp_path):
     assert runner.invoke(app, ["train-stage", "base-ie", "--run-dir", str(run), "-q", *short]).exit_code == 0
     result = runner.invoke(app, ["evaluate", "coco", "--run-dir", str(run), "--stage", "adapter", "-q"])
     assert result.exit_code == 0, result.output
+
+
+def test_bos_is_put_first_in_training_keys_and_generation(overrides):
+    model = make(overrides, "model.llama_adapter.bos=true")
+    plain = make(overrides)
+    ids = torch.tensor([[5, 6, 7], [8, 9, model.tokenizer.pad_token_id]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+             "loss_mask": torch.tensor([[0, 1, 1], [0, 1, 0]])}
+    out = model.run_lm(None, batch)
+    assert out.logits.shape[1] == 4 and out.offset == 1 and out.labels[:, 0].tolist() == [-100, -100]
+    assert out.labels[0].tolist() == [-100, -100, 6, 7]
+    with_bos = torch.cat([torch.full((2, 1), model.tokenizer.bos_token_id), ids], dim=1)
+    expected = plain.lm(input_ids=with_bos, attention_mask=torch.cat([torch.ones(2, 1, dtype=torch.long),
+                                                                       batch["attention_mask"]], dim=1)).logits
+    assert (out.logits - expected).abs().max() <= 1e-6            # at init: the plain LM after BOS
+    assert model.text_hidden(ids, batch["attention_mask"]).shape[1] == 3   # keys stay aligned with the text
+    assert model._start_tokens([[5, 6]], 1) == [[model.tokenizer.bos_token_id, 5, 6]]

@@ -3,7 +3,11 @@
     llama_dir = pretrain_demo_llama(Path("runs/sqa-demo/data"), Path("runs/sqa-demo/models"))
     AutoModelForCausalLM.from_pretrained(llama_dir); AutoTokenizer.from_pretrained(llama_dir)
 
-What it reads: the train split's problems (generate_scienceqa_demo). With the default
+The chat demo (eimctl/data/chat_demo.py) uses the same machinery with `documents="chat"`: every distinct
+instruction and response of its training files as its own plain document (so no question sits next
+to its answer), and LaVIN's "Instruction: ... Response:" markers for the tokenizer only.
+
+What it reads (ScienceQA): the train split's problems (generate_scienceqa_demo). With the default
 `documents="problem"` each problem is one plain document — question, hint, the choices joined
 by ", " and solution, one per line — plus each distinct lecture once (a lecture is the same for
 every problem of a kind); never the formatted prompt or the "The answer is X. BECAUSE: ..."
@@ -50,9 +54,24 @@ def scienceqa_data_parameters(data_dir: Path) -> dict:
     """The generator's parameters, which identify the set: a changed set invalidates a cached model."""
     marker = Path(data_dir) / SUMMARY
     if not marker.is_file():
-        raise EimError(f"no ScienceQA demo set in {data_dir} (missing {SUMMARY})",
-                       hint="generate it first with eimctl.data.scienceqa_demo.generate_scienceqa_demo")
+        raise EimError(f"no demo set in {data_dir} (missing {SUMMARY})",
+                       hint="generate it first: eimctl demo-data --kind scienceqa (or chat) --out DIR")
     return json.loads(marker.read_text(encoding="utf-8"))["parameters"]
+
+
+def chat_texts(data_dir: Path) -> tuple[list[str], list[str]]:
+    """(documents, format lines) of the chat demo (eimctl/data/chat_demo.py): every instruction and response of
+    its training files as plain text, and LaVIN's instruction markers for the tokenizer only."""
+    texts, markers = [], ["Instruction: ", "\nResponse:", "Image: ", "Image: N/A"]
+    for name in ("alpaca_data.json", "detail_23k.json", "conversation_58k.json"):
+        path = Path(data_dir) / "train" / name
+        rows = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+        for row in rows:
+            if "conversations" in row:
+                texts += [turn["value"].replace("<image>", "").strip() for turn in row["conversations"]]
+            else:
+                texts += [part for part in (row["instruction"], row["input"], row["output"]) if part]
+    return sorted(set(texts)), markers
 
 
 def read_split(data_dir: Path, split: str) -> list[dict]:
@@ -111,7 +130,8 @@ def pretrain_demo_llama(data_dir: Path, out_dir: Path, *, seed: int = 0, epochs:
     `weight_decay` defaults to 0: the shared AdamW grouping spares parameters named like GPT-2's embeddings,
     and LLaMA's `embed_tokens` (tied to the output head) is not named so."""
     data_dir, target = Path(data_dir), Path(out_dir) / "llama"
-    documents_of([], documents)  # refuse an unknown kind before any work
+    if documents != "chat":
+        documents_of([], documents)  # refuse an unknown kind before any work
     parameters = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "learning_rate": learning_rate,
                   "weight_decay": weight_decay, "vocab_size": vocab_size, "documents": documents,
                   "model_cfg": {**DEFAULT_LLAMA_CFG, **(model_cfg or {})}, "max_seconds": max_seconds,
@@ -125,11 +145,15 @@ def _build_llama(staging: Path, *, data_dir: Path, parameters: dict, log: Log, l
 
     started = time.monotonic()
     torch.manual_seed(parameters["seed"])
-    train = read_split(data_dir, "train")
-    texts = documents_of(train, parameters["documents"])
+    if parameters["documents"] == "chat":
+        texts, markers = chat_texts(data_dir)
+        val_texts = []
+    else:
+        train = read_split(data_dir, "train")
+        texts, markers = documents_of(train, parameters["documents"]), [line for p in train for line in _format_lines(p)]
+        val_texts = documents_of(read_split(data_dir, "val"), parameters["documents"])
     model_cfg = parameters["model_cfg"]
-    tokenizer = build_bpe_tokenizer(texts + [line for p in train for line in _format_lines(p)],
-                                    parameters["vocab_size"], model_cfg["max_position_embeddings"])
+    tokenizer = build_bpe_tokenizer(texts + markers, parameters["vocab_size"], model_cfg["max_position_embeddings"])
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (("bos", BOS), ("eos", EOS), ("pad", PAD))}
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                          pad_token_id=ids["pad"], **model_cfg)
@@ -144,7 +168,6 @@ def _build_llama(staging: Path, *, data_dir: Path, parameters: dict, log: Log, l
     train_seconds = time.monotonic() - started
     # Measured on the saved copy, which also proves that the folder loads back.
     reloaded = AutoModelForCausalLM.from_pretrained(staging)
-    val_texts = documents_of(read_split(data_dir, "val"), parameters["documents"])
     perplexity = {split: round(llama_perplexity(reloaded, tokenizer, split_texts), 4) if split_texts else None
                   for split, split_texts in (("train", texts), ("val", val_texts))}
     log(f"llama: final batch loss {trainer.last_loss:.4f}, perplexity train {perplexity['train']} "

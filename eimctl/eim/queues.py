@@ -32,6 +32,8 @@ def queue_fingerprint(config, train) -> str:
     section = getattr(config, config.data.task.replace("-", "_"), None)  # the task's prompt format, if it has one
     if dataclasses.is_dataclass(section):
         parts["task_options"] = dataclasses.asdict(section)
+        if getattr(section, "template", "") == "family":  # the prompt template follows the family
+            parts["family"] = config.model.family
     return fingerprint(parts)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from eimctl.models.clip import ClipEncoder, clip_tuning_options
 from eimctl.models.clip_tuning import PromptNetworkSpec
 from eimctl.models.generate import generate_captions
-from eimctl.models.lm import final_hidden, load_lm
+from eimctl.models.lm import enable_checkpointing, final_hidden, load_lm
 from eimctl.models.projectors import build_projector
 from eimctl.models.protocol import LMOutput
 from eimctl.runtime.errors import EimError
@@ -51,6 +51,10 @@ class ClipCap(nn.Module):
         beats recompiling for each new length."""
         self.projector.compile(dynamic=True)
         self.lm.compile(dynamic=True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """train.grad_checkpointing: recompute the LM's layers in the backward pass."""
+        enable_checkpointing(self.lm)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_images(pixels)

@@ -270,13 +270,14 @@ def _pick(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor
 
 def generate_from_embeds(lm, embeds: Tensor, mask: Tensor, *, eos_token_id: int, max_new_tokens: int,
                          position_offset: int = 0, on_keep=None, temperature: float = 0.0, top_p: float = 1.0,
-                         generator=None) -> list[list[int]]:
+                         generator=None, on_token=None) -> list[list[int]]:
     """Continue LEFT-padded prompts given as embeddings ([B, S, D], mask [B, S], 1 = real) with a KV cache.
 
     Positions count real tokens only (a row's first real token is at `position_offset`), so a padded row
     decodes exactly as it would alone. `on_keep(rows)` is called with the kept row indices whenever
     finished rows leave the batch, for callers that hold per-row state of their own (adaption prompts,
-    routing weights). Greedy unless `temperature` > 0 (then top-p sampling with `generator`)."""
+    routing weights). Greedy unless `temperature` > 0 (then top-p sampling with `generator`). `on_token(sample,
+    token_id)` is called for every token as it is decoded (eos excluded), for callers that stream the text."""
     if embeds.shape[0] == 0 or max_new_tokens == 0:
         return [[] for _ in range(embeds.shape[0])]
     with _EvalMode(lm), torch.inference_mode():
@@ -294,6 +295,8 @@ def generate_from_embeds(lm, embeds: Tensor, mask: Tensor, *, eos_token_id: int,
             live = [row for row, token in enumerate(token_list) if token != eos_token_id]
             for row in live:
                 results[active[row]].append(token_list[row])
+                if on_token is not None:
+                    on_token(active[row], token_list[row])
             if step == max_new_tokens - 1 or not live:
                 break
             if len(live) < len(active):

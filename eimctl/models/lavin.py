@@ -29,7 +29,7 @@ from eimctl.models.generate import generate_from_embeds
 from eimctl.models.lavin_layout import prefix_ids, prompt_rows, row_blocks, training_rows
 from eimctl.models.lavin_parts import (CLIP_ROUTES, Switch, attach_lm_adapters, decoder_layers, lavin_modules,
                                        modality_routing, reindex_routing)
-from eimctl.models.lm import final_hidden, load_lm, shifted_cross_entropy
+from eimctl.models.lm import enable_checkpointing, final_hidden, load_lm, plain_text_hidden, shifted_cross_entropy
 from eimctl.models.protocol import LMOutput
 from eimctl.runtime.errors import EimError
 
@@ -45,6 +45,8 @@ class LavinConfig:
     clip_router: str = "cls"          # cls (each sample's [CLS]) | first_sample (the original CLIP quirk)
     image_prefix: str = "Image: "     # text before an image sample's visual tokens
     no_image_text: str = "Image: N/A"  # the block of a text-only sample
+    bos: bool = True                  # the tokenizer's BOS first, before the block (LaVIN's [BOS] "Image: " ...);
+                                      # no effect when the tokenizer has none
 
 
 SECTION = LavinConfig
@@ -81,13 +83,21 @@ class Lavin(nn.Module):
         self.clip.attach_block_adapters(parts["clip_adapters"])
         self.switch = Switch()
         attach_lm_adapters(layers, self.lm_adapters, self.switch)
-        self.image_prefix_ids = prefix_ids(self.tokenizer, options.image_prefix)
-        self.no_image_ids = prefix_ids(self.tokenizer, options.no_image_text)
+        self.bos_id = self.tokenizer.bos_token_id if options.bos else None
+        bos = [] if self.bos_id is None else [self.bos_id]
+        self.image_prefix_ids = bos + prefix_ids(self.tokenizer, options.image_prefix)
+        self.no_image_ids = bos + prefix_ids(self.tokenizer, options.no_image_text)
 
     def compile_for_training(self) -> None:
         """torch.compile the ST only: the LM's adapters keep per-sample routing state in Python attributes
         (set by the modality pass), which a compiled LM graph would guard on and recompile for."""
         self.adapter_proj.compile(dynamic=True)
+
+    def enable_gradient_checkpointing(self) -> None:
+        """train.grad_checkpointing: recompute the LM's layers in the backward pass, with the routing state
+        (the switch, each adapter's captured weights) they ran with."""
+        enable_checkpointing(self.lm, lambda: [(self.switch, "on"), *[(adapter, name) for adapter in self.lm_adapters
+                                                                       for name in ("capture", "cached")]])
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_images(pixels)
@@ -136,7 +146,7 @@ class Lavin(nn.Module):
         """The plain frozen LM (adapters bypassed) over text: the Kb keys."""
         self.switch.on = False
         try:
-            return final_hidden(self.lm, input_ids=ids, attention_mask=mask, use_cache=False)
+            return plain_text_hidden(self.lm, ids, mask, self.bos_id)
         finally:
             self.switch.on = True
 
@@ -144,8 +154,8 @@ class Lavin(nn.Module):
                  beam_size: int, has_image: torch.Tensor | None = None, sampling: dict | None = None
                  ) -> list[list[int]]:
         """Continue `[block] + prompt` per sample (left-padded, KV-cached): greedy, or top-p sampling with
-        sampling = {"temperature", "top_p", "generator"}; routing weights fixed per sample by the modality
-        token. Returns the new token ids of each sample, without eos."""
+        sampling = {"temperature", "top_p", "generator"} (and "on_token", a per-token callback); routing weights
+        fixed per sample by the modality token. Returns the new token ids of each sample, without eos."""
         if beam_size != 1:
             raise EimError(f"LaVIN decodes one beam (greedy or sampling), not beam_size={beam_size}",
                            where="eval.beam_size", hint="set eval.beam_size=1")
@@ -170,7 +180,7 @@ class Lavin(nn.Module):
                         max_new_tokens=max_new_tokens, position_offset=1,
                         on_keep=lambda keep: reindex_routing(self.lm_adapters, keep),
                         temperature=sampling.get("temperature", 0.0), top_p=sampling.get("top_p", 1.0),
-                        generator=sampling.get("generator"))
+                        generator=sampling.get("generator"), on_token=sampling.get("on_token"))
         finally:
             self.train(was_training)
 

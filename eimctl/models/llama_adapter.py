@@ -26,7 +26,8 @@ from torch import nn
 from eimctl.models.adaption_prompts import AdaptionPrompts
 from eimctl.models.clip import ClipEncoder, clip_tuning_options
 from eimctl.models.generate import generate_from_embeds
-from eimctl.models.lm import final_hidden, load_lm, response_labels, shifted_cross_entropy
+from eimctl.models.lm import (IGNORE_INDEX, enable_checkpointing, final_hidden, load_lm, plain_text_hidden,
+                              response_labels, shifted_cross_entropy, with_bos)
 from eimctl.models.protocol import LMOutput
 from eimctl.models.vit_st import build_st
 from eimctl.runtime.errors import EimError
@@ -45,6 +46,8 @@ class LlamaAdapterConfig:
                      adapted layer's prompts (released code, EIM) | global_mlp: the [CLS] feature through an
                      MLP to one token repeated K times and added (v1 paper, with one CLIP layer's [CLS])
     prompt_init_std  standard deviation of the prompts' normal initialisation (v1: an Embedding, N(0, 1))
+    bos              put the tokenizer's BOS token first in every sequence, as LLaMA-Adapter does (a LLaMA-style
+                     LM is pretrained on sequences that begin with it); no effect when the tokenizer has none
     """
     layers: int = 30
     prompt_len: int = 10
@@ -53,6 +56,7 @@ class LlamaAdapterConfig:
     st_width: int = 0
     visual_fusion: str = "tokens"
     prompt_init_std: float = 1.0
+    bos: bool = True
 
 
 SECTION = LlamaAdapterConfig
@@ -99,6 +103,7 @@ class LlamaAdapter(nn.Module):
         self.clip = ClipEncoder(model_cfg.clip, **clip_options)
         width = check_section(cfg, self.clip.feature_dim)
         self.lm, self.tokenizer = load_lm(model_cfg.lm)
+        self.bos_id = self.tokenizer.bos_token_id if cfg.bos else None
         self.lm.requires_grad_(False)
         self.lm_dim = self.lm.get_input_embeddings().embedding_dim
         self.adapter = AdaptionPrompts(self.lm, layers=cfg.layers, prompt_len=cfg.prompt_len,
@@ -109,6 +114,10 @@ class LlamaAdapter(nn.Module):
     def compile_for_training(self) -> None:
         """torch.compile the ST in place (train.compile); the LM runs with hooks and stays eager."""
         self.st.compile()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """train.grad_checkpointing: recompute the LM's layers in the backward pass, with the prompts' state."""
+        enable_checkpointing(self.lm, lambda: [(self.adapter, name) for name in ("enabled", "visual", "_cache")])
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_images(pixels)
@@ -125,12 +134,14 @@ class LlamaAdapter(nn.Module):
 
     def run_lm(self, visual: torch.Tensor | None, batch: dict, *, logits: bool = True) -> LMOutput:
         """The LM over the text with the adaption prompts (+ `visual`) active; no positions are added."""
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask = with_bos(batch["input_ids"], batch["attention_mask"], self.bos_id)
+        labels = response_labels(batch["input_ids"], batch["loss_mask"])
+        offset = 0 if self.bos_id is None else 1
+        labels = torch.cat([labels.new_full((labels.shape[0], offset), IGNORE_INDEX), labels], dim=1)
         with self.adapter.active(self._visual_prompts(visual, batch.get("has_image"))):
             hidden = final_hidden(self.lm, input_ids=ids, attention_mask=mask, use_cache=False)
         out_logits = self.lm.get_output_embeddings()(hidden) if logits else None
-        return LMOutput(hidden=hidden, mask=mask, logits=out_logits, offset=0,
-                        labels=response_labels(ids, batch["loss_mask"]))
+        return LMOutput(hidden=hidden, mask=mask, logits=out_logits, offset=offset, labels=labels)
 
     def response_loss(self, out: LMOutput, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy over the response tokens (logits at t predict token t+1)."""
@@ -145,7 +156,7 @@ class LlamaAdapter(nn.Module):
     def text_hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The plain frozen LM over text (the prompts bypassed), as the key queues see it."""
         with self.adapter.bypassed():
-            return final_hidden(self.lm, input_ids=ids, attention_mask=mask, use_cache=False)
+            return plain_text_hidden(self.lm, ids, mask, self.bos_id)
 
     def _start_tokens(self, prompts: list[list[int]] | None, batch: int) -> list[list[int]]:
         """Each row's prompt ids; an empty prompt (or none at all) starts from the tokenizer's BOS."""
@@ -158,13 +169,15 @@ class LlamaAdapter(nn.Module):
                 raise EimError("generation without an instruction needs a BOS token, and this tokenizer has "
                                "none", where="model.lm.name", hint="use a task that gives instructions")
             rows = [row or [bos] for row in rows]
+        if self.bos_id is not None:
+            rows = [row if row[:1] == [self.bos_id] else [self.bos_id, *row] for row in rows]
         return rows
 
     def generate(self, visual: torch.Tensor | None, prompts: list[list[int]] | None, *, max_new_tokens: int,
                  beam_size: int, has_image: torch.Tensor | None = None, sampling: dict | None = None
                  ) -> list[list[int]]:
         """Continue each prompt (left-padded, KV-cached) with the visual prompts active; greedy unless
-        `sampling` = {"temperature", "top_p", "generator"}."""
+        `sampling` = {"temperature", "top_p", "generator"} (and "on_token", a per-token callback)."""
         if beam_size > 1:
             raise EimError("beam search is not available for llama-adapter", where="eval.beam_size",
                            hint="use eval.beam_size=1")
@@ -182,7 +195,8 @@ class LlamaAdapter(nn.Module):
                                         eos_token_id=self.tokenizer.eos_token_id,
                                         max_new_tokens=max_new_tokens, on_keep=self.adapter.keep,
                                         temperature=sampling.get("temperature", 0.0),
-                                        top_p=sampling.get("top_p", 1.0), generator=sampling.get("generator"))
+                                        top_p=sampling.get("top_p", 1.0), generator=sampling.get("generator"),
+                                        on_token=sampling.get("on_token"))
 
 
 def build(config, *, groups: set[str], losses: set[str], active: set[str]) -> LlamaAdapter:

@@ -6,11 +6,17 @@
 The stage's model is rebuilt from its manifest's config and final weights; the
 task (eimctl/tasks/) generates its predictions and scores them. Results go to
 `<run>/eval/<stage>-<task>/` (predictions, metrics.json, manifest.json last). A task that can score
-a results file written elsewhere (`score_file`, e.g. scienceqa) does so without any run directory:
-`score_results_file` writes `<out>/metrics.json`.
+files written elsewhere (`score_file`: scienceqa's results file, mme's folder of answer files) does so
+without any run directory: `score_results_file` passes it the command's inputs by name and writes
+`<out>/metrics.json`.
+
+Optional task members this step uses: `eval_data(data, options)`, the data the evaluation reads when
+an option names other data than the stage's (mme's --mme-root); `write` may return the names of the
+files it wrote (when they depend on the data), which the manifest then lists instead of `outputs`.
 """
 from __future__ import annotations
 
+import inspect
 import shutil
 import time
 from pathlib import Path
@@ -80,30 +86,43 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
         shutil.rmtree(out)
     device = resolve_device(config.train.device)
     model.to(device)
-    split = task.read(config.data, config.eval.split)
+    eval_data = getattr(task, "eval_data", None)  # an option may name the benchmark's data (mme: --mme-root)
+    split = task.read(eval_data(config.data, options) if eval_data else config.data, config.eval.split)
     predictions = task.predict(model, config, split, device, Path(run_dir) / "cache", show)
     result = {**task.score(predictions, split, config, options), "stage": stage}
     if config.eval.diagnostics:
         result["diagnostics"] = validation_diagnostics(model, config, task, Path(run_dir) / "cache", device)
         log(summary_line(result["diagnostics"]), show)
     out.mkdir(parents=True, exist_ok=True)
-    task.write(out, predictions)
+    written = task.write(out, predictions)
     result["wall_seconds"] = round(time.time() - started, 3)
     write_json(out / "metrics.json", result)
     write_manifest(out, step="evaluate", config={"eval": vars(config.eval)}, fingerprints=fingerprints,
-                   started=started, outputs=[*task.outputs, "metrics.json"],
+                   started=started, outputs=[*(written or task.outputs), "metrics.json"],
                    extra={"stage": stage, "benchmark": task.name})
     return out
 
 
-def score_results_file(task_name: str, problems: Path, results: Path, out: Path, split: str = "test") -> Path:
-    """Score an existing results file with the task's official scorer; returns `<out>/metrics.json`."""
+def _accepts(function, inputs: dict) -> bool:
+    """Whether `function(**inputs)` matches its signature (the task takes these inputs)."""
+    try:
+        inspect.signature(function).bind(**inputs)
+    except TypeError:
+        return False
+    return True
+
+
+def score_results_file(task_name: str, inputs: dict, out: Path) -> Path:
+    """Score files written elsewhere with the task's official scorer, `task.score_file(**inputs)` (scienceqa:
+    problems, results, split; mme: answers); returns `<out>/metrics.json`."""
     task = get_task(task_name, where="eimctl evaluate TASK")
     score_file = getattr(task, "score_file", None)
-    if score_file is None:
-        raise EimError(f"task '{task.name}' cannot score a results file", where="eimctl evaluate --results",
-                       hint="evaluate a trained stage with --run-dir and --stage instead")
-    result = score_file(Path(problems), Path(results), split)
+    if score_file is None or not _accepts(score_file, inputs):
+        given = ", ".join(f"--{name}" for name, value in inputs.items() if value is not None and name != "split")
+        raise EimError(f"task '{task.name}' cannot score {given or 'files'}", where="eimctl evaluate",
+                       hint="score files with the task that wrote them (scienceqa: --results, mme: --answers), "
+                            "or evaluate a trained stage with --run-dir and --stage")
+    result = score_file(**inputs)
     path = Path(out) / "metrics.json"
     write_json(path, result)
     return path

@@ -32,6 +32,7 @@ from eimctl.evaluate.diagnostic_figures import (diagnostic_columns, diagnostics_
 from eimctl.evaluate.aggregate import (CAPTION_METRICS, aggregate_markdown, aggregate_rows, format_seconds,
                                        paired_markdown, summary_markdown)
 from eimctl.evaluate.scienceqa_gate import gate_section
+from eimctl.evaluate.transcripts import transcripts_section
 from eimctl.evaluate.plots import plot_loss_overlay, plot_scores, plot_stage_losses
 from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.rundir import step_status
@@ -335,6 +336,7 @@ def write_report(run_dirs: list[Path], out_dir: Path, aggregate: bool = False,
     else:
         lines += ["No complete stages or evaluations found.", ""]
     lines += gate_section(collected.rows)
+    lines += transcripts_section(run_dirs)
     lines += diagnostics_section(collected.diagnostics)
     if collected.notes:
         lines += ["## Notes", ""] + [f"- {note}" for note in collected.notes] + [""]

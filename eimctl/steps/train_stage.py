@@ -83,6 +83,8 @@ class StageRecipe:
         check_queue_widths(self.model, queues, queue_folder(config, self.data))
         self.queues = place_queues(queues, config.eim.queue_placement, self.device, config.eim.device_queue_dtype,
                                    self.show)
+        if self.train.grad_checkpointing and hasattr(self.model, "enable_gradient_checkpointing"):
+            self.model.enable_gradient_checkpointing()
         if self.train.compile:
             self.model.compile_for_training()
         tokens = tokenize_for_training(self.model.tokenizer, list(map(formatter(task, config), self.data.samples)),

@@ -18,8 +18,11 @@ import importlib
 
 from eimctl.runtime.errors import EimError
 
-TASKS: dict[str, str] = {"coco": "eimctl.tasks.coco", "scienceqa": "eimctl.tasks.scienceqa"}
-TASK_SECTIONS: dict[str, str] = {"scienceqa": "eimctl.tasks.scienceqa_prompts"}
+TASKS: dict[str, str] = {"coco": "eimctl.tasks.coco", "scienceqa": "eimctl.tasks.scienceqa",
+                         "instruct": "eimctl.tasks.instruct",
+                         "mme": "eimctl.tasks.mme"}
+TASK_SECTIONS: dict[str, str] = {"scienceqa": "eimctl.tasks.scienceqa_prompts",
+                                 "instruct": "eimctl.tasks.instruct_prompts"}
 
 
 def get_task(name: str, where: str = "data.task"):
