@@ -34,16 +34,23 @@ class CaptionSplit:
 
     def images(self) -> list[tuple[str, str]]:
         """Unique (image_id, image path) pairs in first-seen order."""
-        seen: dict[str, str] = {}
-        for sample in self.samples:
-            seen.setdefault(sample.image_id, sample.image)
-        return list(seen.items())
+        return unique_images(self.samples)
 
     def references(self) -> dict[str, list[str]]:
         refs: dict[str, list[str]] = {}
         for sample in self.samples:
             refs.setdefault(sample.image_id, []).append(sample.caption)
         return refs
+
+
+def unique_images(samples) -> list[tuple[str, str]]:
+    """Unique (image_id, image path) pairs of the samples that have an image (`image` not None), in
+    first-seen order: what a split's images() gives the feature cache (every task's splits share it)."""
+    seen: dict[str, str] = {}
+    for sample in samples:
+        if sample.image is not None:
+            seen.setdefault(sample.image_id, sample.image)
+    return list(seen.items())
 
 
 def _file_digest(path: Path) -> str:

@@ -35,15 +35,13 @@ holding a finished set with the same parameters is kept.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from eimctl.data.demo import (COLOURS, COUNT_WORDS, OBJECT_COUNT_WEIGHTS, POSITION_PHRASES, SHAPES, SIZES,
-                              SceneObject, ensure_replaceable, publish_dir, render_scene)
+                              SceneObject, build_set_once, render_scene)
 from eimctl.runtime.atomic import write_json, write_text
 from eimctl.runtime.errors import EimError
 
@@ -379,19 +377,8 @@ def generate_chat_demo(out: Path, *, seed: int = 0, n_train_images: int = 1500, 
         raise EimError("n_train_images and n_mme_images must be >= 1 and image_size >= 8")
     parameters = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train_images": n_train_images,
                   "n_mme_images": n_mme_images, "image_size": image_size}
-    marker = out / SUMMARY
-    if marker.is_file():
-        existing = json.loads(marker.read_text(encoding="utf-8"))
-        if existing.get("parameters") == parameters:
-            return existing
-    ensure_replaceable(out, SUMMARY)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    def write(staging: Path) -> dict:
         summary = _write_all(staging, parameters)
         write_json(staging / SUMMARY, summary)
-        publish_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return summary
+        return summary
+    return build_set_once(out, SUMMARY, parameters, write)

@@ -303,6 +303,28 @@ def generate_demo_data(
     return counts
 
 
+def build_set_once(out: Path, marker_name: str, parameters: dict, write) -> dict:
+    """A generated set in `out`, built once: a folder whose marker (a summary JSON, written last by
+    `write(staging) -> summary`) holds the same parameters is kept; otherwise the set is written into a
+    staging sibling and published atomically."""
+    out = Path(out)
+    marker = out / marker_name
+    if marker.is_file():
+        existing = json.loads(marker.read_text(encoding="utf-8"))
+        if existing.get("parameters") == parameters:
+            return existing
+    ensure_replaceable(out, marker_name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        summary = write(staging)
+        publish_dir(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return summary
+
+
 def ensure_replaceable(target: Path, marker_name: str) -> None:
     """Refuse to overwrite a non-empty folder that this code did not make.
 

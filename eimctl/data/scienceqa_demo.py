@@ -24,8 +24,6 @@ redrawn). Deterministic: one generator per (seed, split, index, attempt).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
@@ -33,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eimctl.data.demo import (COLOURS, POSITION_PHRASES, SHAPES, SIZES, SceneObject, ensure_replaceable,
-                              publish_dir, render_scene)
+from eimctl.data.demo import (COLOURS, POSITION_PHRASES, SHAPES, SIZES, SceneObject, build_set_once,
+                              render_scene)
 from eimctl.runtime.atomic import write_json, write_text
 from eimctl.runtime.errors import EimError
 
@@ -377,23 +375,12 @@ def generate_scienceqa_demo(out: Path, *, seed: int = 0, n_train: int = 2000, n_
         raise EimError("split sizes must be >= 0 and text_image_share in [0, 1)")
     parameters = {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
                   "n_test": n_test, "image_size": image_size, "text_image_share": text_image_share}
-    marker = out / SUMMARY
-    if marker.is_file():
-        existing = json.loads(marker.read_text(encoding="utf-8"))
-        if existing.get("parameters") == parameters:
-            return existing
-    ensure_replaceable(out, SUMMARY)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    def write(staging: Path) -> dict:
         problems = _write_problems(staging, {"train": n_train, "val": n_val, "test": n_test}, seed, image_size,
                                    text_image_share)
         write_text(staging / "problems.json", json.dumps(problems, indent=2) + "\n")
         write_json(staging / "pid_splits.json", _pid_splits(problems, seed))
         summary = _summary(problems, parameters)
         write_json(staging / SUMMARY, summary)
-        publish_dir(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return summary
+        return summary
+    return build_set_once(out, SUMMARY, parameters, write)

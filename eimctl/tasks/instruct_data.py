@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eimctl.data.images import resolve_image
+from eimctl.data.captions import unique_images
 from eimctl.runtime.errors import EimError
 from eimctl.tasks.instruct_prompts import strip_image_marker
 
@@ -69,11 +70,7 @@ class InstructSplit:
 
     def images(self) -> list[tuple[str, str]]:
         """Unique (image_id, image path) pairs of the image samples, in split order."""
-        seen: dict[str, str] = {}
-        for sample in self.samples:
-            if sample.image is not None:
-                seen.setdefault(sample.image_id, sample.image)
-        return list(seen.items())
+        return unique_images(self.samples)
 
 
 def _bad_row(path: Path, row: int, problem: str, hint: str) -> EimError:

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from eimctl.data.captions import unique_images
 from eimctl.runtime.errors import EimError
 
 FIELDS = ("question", "choices", "answer", "hint", "image", "task", "grade", "subject", "topic", "category",
@@ -68,11 +69,7 @@ class ScienceQASplit:
 
     def images(self) -> list[tuple[str, str]]:
         """Unique (image_id, image path) pairs of the problems that have an image, in split order."""
-        seen: dict[str, str] = {}
-        for sample in self.samples:
-            if sample.image is not None:
-                seen.setdefault(sample.image_id, sample.image)
-        return list(seen.items())
+        return unique_images(self.samples)
 
 
 def _read_json(path: Path, what: str):
