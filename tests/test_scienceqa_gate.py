@@ -24,3 +24,8 @@ def test_gate_passes_and_fails_on_each_condition():
 
 def test_no_gate_without_the_zeroed_score():
     assert gate_checks(rows(36.0, 78.0)[:1], "r", "base") is None and gate_section([]) == []
+
+
+def test_controls_listed_once_serve_every_run():
+    other = [ReportRow("s", "base", row.benchmark, metrics=row.metrics) for row in rows(36.0, 78.0)[:2]]
+    assert all(ok for _, ok in gate_checks(rows(36.0, 78.0) + other, "s", "base"))
