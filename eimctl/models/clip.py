@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from eimctl.models.clip_tuning import PromptNetworkSpec, prompt_network_for, visual_with_offsets
+from eimctl.models.clip_tuning import PromptNetworkSpec, prompt_network_for, run_blocks, visual_with_offsets
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.hub import hub_online, offline_reason, quiet_loading, short
 
@@ -193,21 +192,12 @@ class ClipEncoder(nn.Module):
         elif self.prompts_active:
             prompts = self.prompts.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
             x = torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
-        transformer = visual.transformer
-        batch_first = getattr(transformer, "batch_first", True)
-        if not batch_first:
-            x = x.transpose(0, 1).contiguous()
         taken = []
-        for number, block in enumerate(transformer.resblocks):
-            if number < len(offsets):
-                offset = offsets[number].to(x.dtype)
-                x = x + (offset if batch_first else offset.unsqueeze(1))
-            if transformer.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, None, None, None, use_reentrant=False)
-            else:
-                x = block(x, attn_mask=None)
+
+        def take(number: int, cls: torch.Tensor) -> None:
             if (number + 1) % self.cls_every == 0:
-                taken.append(x[:, 0] if batch_first else x[0])
+                taken.append(cls)
+        run_blocks(visual, x, offsets, take)
         return torch.stack(taken, dim=1)
 
     def ie_query(self, features: torch.Tensor) -> torch.Tensor:

@@ -80,10 +80,9 @@ def prompt_network_for(visual, spec: PromptNetworkSpec) -> PromptNetwork:
         return PromptNetwork(1 + grid[0] * grid[1], visual.transformer.width, layers, spec.hidden)
 
 
-def visual_with_offsets(visual, pixels: torch.Tensor, offsets: list[torch.Tensor]):
-    """open_clip's VisionTransformer.forward run block by block, adding offsets[l] before block l:
-    (pooled, tokens) as `visual(pixels)` with output_tokens, bit for bit when the offsets are 0."""
-    x = visual._embeds(pixels)
+def run_blocks(visual, x: torch.Tensor, offsets: list[torch.Tensor], after_block=None) -> torch.Tensor:
+    """open_clip's transformer over embedded tokens `x` [B, T, w], block by block, adding offsets[l] before
+    block l and calling `after_block(l, cls)` with each block's [CLS] output; returns [B, T, w]."""
     transformer = visual.transformer
     batch_first = getattr(transformer, "batch_first", True)
     if not batch_first:
@@ -96,8 +95,15 @@ def visual_with_offsets(visual, pixels: torch.Tensor, offsets: list[torch.Tensor
             x = checkpoint(block, x, None, None, None, use_reentrant=False)
         else:
             x = block(x, attn_mask=None)
-    if not batch_first:
-        x = x.transpose(0, 1)
+        if after_block is not None:
+            after_block(number, x[:, 0] if batch_first else x[0])
+    return x if batch_first else x.transpose(0, 1)
+
+
+def visual_with_offsets(visual, pixels: torch.Tensor, offsets: list[torch.Tensor]):
+    """open_clip's VisionTransformer.forward run block by block, adding offsets[l] before block l:
+    (pooled, tokens) as `visual(pixels)` with output_tokens, bit for bit when the offsets are 0."""
+    x = run_blocks(visual, visual._embeds(pixels), offsets)
     pooled, tokens = visual._pool(x)
     if visual.proj is not None:
         pooled = pooled @ visual.proj
