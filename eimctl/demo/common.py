@@ -141,3 +141,24 @@ class StepTrainer:
     def summary(self, train_seconds: float) -> dict:
         return {"steps": self.step, "final_loss": self.last_loss, "stopped_early": self.stopped_early,
                 "train_seconds": round(train_seconds, 1)}
+
+
+def train_causal_lm(name: str, model, token_ids: list[list[int]], make_batch: Callable, parameters: dict,
+                    staging: Path, log: Log, log_every: int) -> "StepTrainer":
+    """Language-model pretraining of a demo LM: shuffled batches of `token_ids` through `make_batch(rows) ->
+    (input_ids, attention_mask, labels)`, the model's own loss, StepTrainer's optimiser and metrics."""
+    batch_size = parameters["batch_size"]
+    steps_per_epoch = max(1, math.ceil(len(token_ids) / batch_size))
+    trainer = StepTrainer(name, model, steps_per_epoch, parameters, staging / "metrics.jsonl", log, log_every)
+
+    def epoch_batches(order_generator: torch.Generator):
+        order = torch.randperm(len(token_ids), generator=order_generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield make_batch([token_ids[i] for i in order[start:start + batch_size]])
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        input_ids, attention_mask, labels = batch
+        trainer.apply(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)
+
+    trainer.run(epoch_batches, step)
+    return trainer

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from eimctl.data.scienceqa_demo import SUMMARY
-from eimctl.demo.common import Log, StepTrainer, pretrain_once, write_marker
+from eimctl.demo.common import Log, StepTrainer, pretrain_once, train_causal_lm, write_marker
 from eimctl.runtime.errors import EimError
 
 DEFAULT_LLAMA_CFG = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -196,21 +196,7 @@ def _batch(token_ids: list[list[int]], ids: dict) -> tuple[torch.Tensor, torch.T
 
 def _train(model, token_ids: list[list[int]], ids: dict, parameters: dict, staging: Path, log: Log,
            log_every: int) -> StepTrainer:
-    batch_size = parameters["batch_size"]
-    steps_per_epoch = max(1, math.ceil(len(token_ids) / batch_size))
-    trainer = StepTrainer("llama", model, steps_per_epoch, parameters, staging / "metrics.jsonl", log, log_every)
-
-    def epoch_batches(order_generator: torch.Generator):
-        order = torch.randperm(len(token_ids), generator=order_generator).tolist()
-        for start in range(0, len(order), batch_size):
-            yield _batch([token_ids[i] for i in order[start:start + batch_size]], ids)
-
-    def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        input_ids, attention_mask, labels = batch
-        trainer.apply(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)
-
-    trainer.run(epoch_batches, step)
-    return trainer
+    return train_causal_lm("llama", model, token_ids, partial(_batch, ids=ids), parameters, staging, log, log_every)
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from eimctl.demo.common import Log, StepTrainer, data_parameters, pretrain_once, write_marker
+from eimctl.demo.common import Log, StepTrainer, data_parameters, pretrain_once, train_causal_lm, write_marker
 from eimctl.runtime.jsonl import read_jsonl
 
 DEFAULT_LM_CFG = {"n_embd": 192, "n_layer": 3, "n_head": 4, "n_positions": 128}
@@ -99,21 +99,8 @@ def _build_lm(staging: Path, *, data_dir: Path, parameters: dict, log: Log, log_
 
 def _train(model, token_ids: list[list[int]], end_id: int, parameters: dict, staging: Path, log: Log,
            log_every: int) -> StepTrainer:
-    batch_size = parameters["batch_size"]
-    steps_per_epoch = max(1, math.ceil(len(token_ids) / batch_size))
-    trainer = StepTrainer("lm", model, steps_per_epoch, parameters, staging / "metrics.jsonl", log, log_every)
-
-    def epoch_batches(order_generator: torch.Generator):
-        order = torch.randperm(len(token_ids), generator=order_generator).tolist()
-        for batch_start in range(0, len(order), batch_size):
-            yield _caption_batch([token_ids[i] for i in order[batch_start:batch_start + batch_size]], end_id)
-
-    def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        input_ids, attention_mask, labels = batch
-        trainer.apply(model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss)
-
-    trainer.run(epoch_batches, step)
-    return trainer
+    return train_causal_lm("lm", model, token_ids, partial(_caption_batch, end_id=end_id), parameters, staging,
+                           log, log_every)
 
 
 @torch.no_grad()
