@@ -100,13 +100,19 @@ def train_stage(stage: str = typer.Argument(..., help="Stage of the schedule: st
 @user_errors
 def schedule(overrides: Optional[List[str]] = typer.Argument(None, help="KEY=VALUE config overrides."),
              config: Optional[List[Path]] = CONFIG,
-             run_dir: Path = typer.Option(Path("runs/<run>"), "--run-dir", help="Shown in the printed commands.")):
+             run_dir: Path = typer.Option(Path("runs/<run>"), "--run-dir", help="Shown in the printed commands."),
+             launcher: str = typer.Option("", "--launcher", help=(
+                 "Start build-queues, every train-stage and every evaluate line with this launcher, e.g. "
+                 "\"torchrun --standalone --nproc_per_node 8 --no-python\" or \"srun\" (report stays one "
+                 "process). After torchrun with --no-python (or -m), and after any other launcher, the "
+                 "line goes on with the `eimctl` console script; after torchrun without either, which "
+                 "starts a Python program, with `-m eimctl`. The launcher is printed as given."))):
     """Print the whole recipe in order: build-queues, every stage, the evaluations, the report."""
     from eimctl.config import load_config
     from eimctl.eim.schedule import recipe_commands
 
     cfg = load_config(config, overrides)
-    print("\n".join(recipe_commands(cfg, _config_args(config, overrides), str(run_dir))))
+    print("\n".join(recipe_commands(cfg, _config_args(config, overrides), str(run_dir), launcher)))
 
 
 @app.command("build-queues")
@@ -116,14 +122,21 @@ def build_queues(overrides: Optional[List[str]] = typer.Argument(None, help="KEY
                  encoder: Optional[str] = typer.Option(None, help="CLIP encoder: an open_clip name or an alias "
                                                                   "(clip-vit-b32, clip-vit-b16, clip-vit-l14, "
                                                                   "clip-vit-l14-336)."),
+                 shard: Optional[str] = typer.Option(None, "--shard", help="I/N: build only the queue parts p "
+                                                           "with p mod N = I and exit, for N separate jobs (a "
+                                                           "job array); then run the plain command to assemble."),
                  force: bool = FORCE, quiet: bool = QUIET):
-    """Build the key queues Kt, Ke, Kb (Parquet, one row per training sample) into the queue store."""
+    """Build the key queues Kt, Ke, Kb (Parquet, one row per training sample) into the queue store.
+
+    Under torchrun/srun the ranks share the work; rank 0 assembles."""
     from eimctl.config import load_config
     from eimctl.models.clip import encoder_overrides
     from eimctl.steps.build_queues import build_queues as run_build
+    import shlex
 
     cfg = load_config(config, list(overrides or []) + encoder_overrides(encoder))
-    run_build(cfg, force=force, show=not quiet)
+    again = _config_args(config, overrides) + (f" --encoder {shlex.quote(encoder)}" if encoder else "")
+    run_build(cfg, force=force, show=not quiet, shard=shard, config_args=again)
 
 
 @app.command("evaluate")
@@ -212,8 +225,10 @@ def _evaluate_and_print(task_name: str, run_dir: Path, stage: str, overrides, op
     from eimctl.steps.evaluate import evaluate
     from eimctl.tasks import get_task
 
+    from eimctl.runtime.distributed import is_writer
+
     out = evaluate(task_name, run_dir, stage, overrides=overrides, options=options, force=force, show=not quiet)
-    if not quiet:
+    if not quiet and is_writer():  # under torchrun, rank 0 prints the result once
         lines = get_task(task_name).summary(json.loads((out / "metrics.json").read_text()))
         print(f"{lines[0]}  -> {out}")
         for line in lines[1:]:
@@ -324,7 +339,7 @@ def demo_pretrain(data: Path = typer.Option(Path("demo/data"), help="Demo data f
         from eimctl.demo.pretrain_llama import pretrain_demo_llama
         # the chat set's documents are single sentences: 3 epochs of them take what 8 of ScienceQA's do
         pretrain_demo_llama(data, out, seed=seed, log=log, **({"documents": "chat", "epochs": 3} if kind == "chat"
-                                                               else {}))
+                                                               else {"documents": "problem+format"}))
         return
     from eimctl.demo.pretrain import pretrain_demo_clip, pretrain_demo_lm
 

@@ -21,6 +21,7 @@ from eimctl.models.clip import ClipConfig
 from eimctl.models.lm import LMConfig
 from eimctl.models.projectors import ProjectorConfig
 from eimctl.models.registry import FAMILIES, family_sections
+from eimctl.runtime.distributed import DistConfig
 from eimctl.runtime.errors import EimError
 from eimctl.tasks import TASKS, task_sections
 
@@ -74,6 +75,7 @@ class TrainConfig:
     precision: str = "fp32"          # fp32 | bf16 (autocast to bfloat16; the InfoNCE stays float32)
     compile: bool = False            # torch.compile the projector and the LM (first steps compile)
     grad_checkpointing: bool = False  # recompute the LM's layer activations in the backward pass (less memory)
+    micro_batch_size: int = 0        # per-rank micro-batch (gradient accumulation); 0 = the rank's whole share
     loggers: str = "jsonl"           # jsonl (metrics.jsonl only) | tensorboard (also <stage>/tensorboard/ events)
 
 
@@ -128,6 +130,7 @@ Config = dataclasses.make_dataclass("Config", [
     ("train", TrainConfig, field(default_factory=TrainConfig)),
     ("eval", EvalConfig, field(default_factory=EvalConfig)),
     ("eim", EIMConfig, field(default_factory=EIMConfig)),
+    ("dist", DistConfig, field(default_factory=DistConfig)),
     *[(name, section, field(default_factory=section)) for name, section in TASK_SECTIONS.items()],
     ("stages", dict, field(default_factory=dict)),  # the schedule (eimctl/eim/schedule.py); {} = the family's own
 ])
@@ -154,6 +157,9 @@ CHOICES = {
     "eim.same_text": {"negative", "positive", "masked"},
     "eim.clip_tuning": {"network", "tokens"},
     "eim.prompt_depth": {"deep", "shallow"},
+    "dist.strategy": {"auto", "ddp", "fsdp"},
+    "dist.backend": {"auto", "nccl", "gloo"},
+    "dist.checkpoint_format": {"full", "sharded"},
     **{f"{name}.{key}": allowed for name, section in TASK_SECTIONS.items()
        for key, allowed in getattr(section, "CHOICES", {}).items()},
 }
@@ -161,15 +167,15 @@ POSITIVE = {"data.max_caption_tokens", "model.clip.cls_every", "train.adam_beta2
             "model.projector.heads", "train.epochs", "train.batch_size", "train.checkpoint_every",
             "train.keep_checkpoints", "train.log_every", "eval.beam_size", "eval.max_new_tokens",
             "eval.batch_size", "eval.fixed_caption_candidates", "eim.temperature", "eim.duplicate_cosine",
-            "eim.diagnostic_rows", "eval.diagnostic_samples"}
+            "eim.diagnostic_rows", "eval.diagnostic_samples", "dist.timeout_minutes"}
 NON_NEGATIVE = {"model.projector.hidden", "train.warmup_steps", "train.warmup_epochs", "train.blr", "train.weight_decay",
-                "train.max_grad_norm", "train.max_steps", "train.num_workers", "train.seed",
+                "train.max_grad_norm", "train.max_steps", "train.micro_batch_size", "train.num_workers", "train.seed",
                 "train.checkpoint_minutes", "eim.prompt_tokens", "eim.chunk_rows", "eim.prompt_hidden", "eim.prompt_lr"}
 # Keys that change how a step runs but not what it produces.
 NOT_FINGERPRINTED = {"train.loggers",
                      "train.device", "train.log_every", "train.num_workers", "train.checkpoint_every",
                      "train.checkpoint_minutes", "train.keep_checkpoints", "train.pin_memory", "train.compile",
-                     "train.grad_checkpointing",
+                     "train.grad_checkpointing", "train.micro_batch_size",
                      "eval.batch_size", "eim.queues_dir", "eim.chunk_rows", "eim.queue_placement",
                      "eim.device_queue_dtype", "eim.duplicate_cosine", "eim.diagnostic_rows"}
 

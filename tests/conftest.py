@@ -17,6 +17,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import tiny  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "distributed: launches several processes with torchrun (gloo on CPU)")
+
+
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny")

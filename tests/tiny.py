@@ -33,8 +33,8 @@ def make_tiny_clip(out: Path, image_size: int = 32, patch: int = 8, width: int =
     return f"local-dir:{out}"
 
 
-def make_tiny_lm(out: Path, n_embd: int = 32, kind: str = "gpt2") -> str:
-    """A Hugging Face causal LM folder (random weights, word-level tokenizer)."""
+def make_tiny_lm(out: Path, n_embd: int = 32, kind: str = "gpt2", dropout: float = 0.1) -> str:
+    """A Hugging Face causal LM folder (random weights, word-level tokenizer; GPT-2 with `dropout`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -48,7 +48,8 @@ def make_tiny_lm(out: Path, n_embd: int = 32, kind: str = "gpt2") -> str:
     torch.manual_seed(0)
     if kind == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_embd=n_embd, n_layer=1, n_head=2,
-                                           n_positions=96, eos_token_id=0, bos_token_id=0))
+                                           n_positions=96, eos_token_id=0, bos_token_id=0, resid_pdrop=dropout,
+                                           embd_pdrop=dropout, attn_pdrop=dropout))
     else:
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=n_embd, intermediate_size=64,
                                              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,

@@ -320,6 +320,13 @@ def _draw(split: str, index: int, row: tuple, seed: int, forbidden: set) -> tupl
     raise EimError(f"could not draw a {split} problem unlike every test problem", where=f"index {index}")
 
 
+def draw_text_problems(n: int, seed: int, forbidden: set) -> list[dict]:
+    """`n` problems drawn as the train split's are, from another `seed`, none with a key in `forbidden`, and
+    nothing rendered: a text pool apart from the set (the demo LM's formatted pretraining documents)."""
+    rows = _attributes("train", n, seed, 0.0)
+    return [_draw("train", index, row, seed, forbidden)[0] for index, row in enumerate(rows)]
+
+
 def _write_problems(root: Path, sizes: dict[str, int], seed: int, image_size: int,
                     text_image_share: float) -> dict[str, dict]:
     """Draw and render every split (test first, so train and val can avoid its problems); qids are a seeded

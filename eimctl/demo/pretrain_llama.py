@@ -17,6 +17,16 @@ the "Question: ... Response:" format, answering with an option letter, and anyth
 pictures. Those are left to the stages. `documents="fields"` is stricter: every field is a
 separate (deduplicated) document, so the LM never sees a question next to its solution.
 
+`documents="problem+format"` (what `eimctl demo-pretrain --kind scienceqa` uses) adds as many
+formatted documents as the train split has problems: the LaVIN template's QCM-ALE prompt and
+target, "Question: ... Response:The answer is B. BECAUSE: ...", of problems drawn from another
+seed (none equal to a val or test problem; nothing rendered). A real LLaMA has read text in
+question-and-answer formats before it meets ScienceQA; this gives the tiny LM that much. With
+the plain documents alone no stage of either family learnt to answer with a letter in the demo's
+budget (every answer of every stage failed the parse). The set's own problems are never shown
+formatted, and the pictures are never shown at all: an image question's letter cannot be read
+from its text, which is what the stages' visual paths are for.
+
 The defaults (8 epochs of batches of 16 documents, peak learning rate 5e-3) take about two
 minutes on two CPU cores and are deterministic (no time cap unless `max_seconds` is given);
 they are where the LM starts to copy a stated answer in context (a value from the hint or the
@@ -48,6 +58,7 @@ DEFAULT_LLAMA_CFG = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_
                      "tie_word_embeddings": True}
 UNKNOWN, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 LETTERS = "ABCDE"
+FORMAT_POOL_SEED = 1000  # added to the set's seed: the formatted pool is drawn apart from the set's problems
 
 
 def scienceqa_data_parameters(data_dir: Path) -> dict:
@@ -83,8 +94,9 @@ def read_split(data_dir: Path, split: str) -> list[dict]:
 
 def documents_of(problems: list[dict], documents: str = "problem") -> list[str]:
     """The pretraining text: one plain document per problem, or ("fields") each field on its own, deduplicated
-    and sorted. Never the formatted prompt or the "The answer is X" target."""
-    if documents == "problem":
+    and sorted. Never the formatted prompt or the "The answer is X" target ("problem+format" adds those of a
+    separate pool: `format_documents`)."""
+    if documents in ("problem", "problem+format"):
         # A lecture is the same for every problem of a kind: once each, not once per problem.
         return ["\n".join(part for part in (p["question"], p["hint"], ", ".join(p["choices"]), p["solution"]) if part)
                 for p in problems] + sorted({p["lecture"] for p in problems if p["lecture"]})
@@ -92,7 +104,16 @@ def documents_of(problems: list[dict], documents: str = "problem") -> list[str]:
         fields = {text for p in problems for text in (p["question"], p["hint"], ", ".join(p["choices"]),
                                                       p["lecture"], p["solution"]) if text}
         return sorted(fields)
-    raise EimError(f"unknown pretraining documents {documents!r}", hint='use "problem" or "fields"')
+    raise EimError(f"unknown pretraining documents {documents!r}", hint='use "problem", "problem+format" or "fields"')
+
+
+def format_documents(data_dir: Path, n: int, seed: int) -> list[str]:
+    """`n` problems of a pool drawn apart from the set (another seed; no val or test problem's key), each as the
+    LaVIN template's QCM-ALE training text: the prompt ending "Response:" and "The answer is X. BECAUSE: ..."."""
+    from eimctl.data.scienceqa_demo import draw_text_problems, problem_key
+
+    forbidden = {problem_key(p) for split in ("val", "test") for p in read_split(data_dir, split)}
+    return [lines[0] + lines[3] for lines in map(_format_lines, draw_text_problems(n, seed, forbidden))]
 
 
 def _format_lines(problem: dict) -> list[str]:
@@ -151,6 +172,8 @@ def _build_llama(staging: Path, *, data_dir: Path, parameters: dict, log: Log, l
     else:
         train = read_split(data_dir, "train")
         texts, markers = documents_of(train, parameters["documents"]), [line for p in train for line in _format_lines(p)]
+        if parameters["documents"] == "problem+format":
+            texts += format_documents(data_dir, len(train), FORMAT_POOL_SEED + parameters["data"]["seed"])
         val_texts = documents_of(read_split(data_dir, "val"), parameters["documents"])
     model_cfg = parameters["model_cfg"]
     tokenizer = build_bpe_tokenizer(texts + markers, parameters["vocab_size"], model_cfg["max_position_embeddings"])

@@ -120,20 +120,43 @@ def training_order(config) -> list[StageSpec]:
     return ordered
 
 
+TORCHRUN_NAMES = ("torchrun", "torch.distributed.run", "torch.distributed.launch")
+
+
+def launch_prefix(launcher: str = "") -> str:
+    """How a compute step's command line starts: `eimctl`, or the launcher then the program it starts.
+    torchrun starts a Python program unless told `--no-python`, so after a torchrun without it (or
+    without its own `-m`) the step runs as the module, `-m eimctl`; after `--no-python`, `-m`, or any
+    other launcher (srun, mpirun) it is the `eimctl` console script. `srun torchrun ...` follows torchrun."""
+    import shlex
+    try:
+        words = shlex.split(launcher)
+    except ValueError as error:
+        raise EimError(f"--launcher {launcher!r} is not a valid shell command line: {error}",
+                       where="eimctl schedule",
+                       hint='quote it whole, e.g. --launcher "torchrun --nproc_per_node 8"') from None
+    if not words:
+        return "eimctl"
+    at = next((i for i, word in enumerate(words) if word.rsplit("/", 1)[-1] in TORCHRUN_NAMES), None)
+    own = set(words[at + 1:]) if at is not None else set()
+    as_module = at is not None and not own & {"--no-python", "--no_python", "-m", "--module"}
+    return f"{launcher.strip()} {'-m eimctl' if as_module else 'eimctl'}"
+
+
 def recipe_commands(config, config_args: str, run_dir: str, launcher: str = "") -> list[str]:
     """The whole recipe as shell commands, in order: build-queues (when a stage reads a queue), every
     stage, the evaluation of every stage trained with loss_base (the others generate nothing), the
-    report. `launcher` prefixes the compute steps (for multi-process launchers; every step runs as one
-    process today, so the CLI passes none)."""
+    report. `launcher` (e.g. "torchrun --nproc_per_node 8 --no-python", "srun") starts build-queues,
+    every stage and every evaluation as many processes (`launch_prefix`); the report stays one process."""
     specs = training_order(config)
-    prefix = f"{launcher} " if launcher else ""
-    lines = [f"{prefix}eimctl build-queues{config_args}"] if any(spec.queues for spec in specs) else []
+    run = launch_prefix(launcher)
+    lines = [f"{run} build-queues{config_args}"] if any(spec.queues for spec in specs) else []
     for spec in specs:
         losses = " + ".join(f"{w:g}*loss_{n}" for n, w in spec.losses.items())
-        lines.append(f"{prefix}eimctl train-stage {spec.name} --run-dir {run_dir}{config_args}"
+        lines.append(f"{run} train-stage {spec.name} --run-dir {run_dir}{config_args}"
                      f"    # from {spec.init}; trains {', '.join(spec.trainable)} by {losses}")
     for spec in specs:
         if "base" in spec.losses:
-            lines.append(f"{prefix}eimctl evaluate {config.data.task} --run-dir {run_dir} --stage {spec.name}")
+            lines.append(f"{run} evaluate {config.data.task} --run-dir {run_dir} --stage {spec.name}")
     lines.append(f"eimctl report {run_dir}")
     return lines

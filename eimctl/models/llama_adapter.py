@@ -104,6 +104,8 @@ class LlamaAdapter(nn.Module):
         width = check_section(cfg, self.clip.feature_dim)
         self.lm, self.tokenizer = load_lm(model_cfg.lm)
         self.bos_id = self.tokenizer.bos_token_id if cfg.bos else None
+        # without a BOS before it, the text's first token is never predicted (what loss_base counts)
+        self.scores_first_text_token = self.bos_id is not None
         self.lm.requires_grad_(False)
         self.lm_dim = self.lm.get_input_embeddings().embedding_dim
         self.adapter = AdaptionPrompts(self.lm, layers=cfg.layers, prompt_len=cfg.prompt_len,

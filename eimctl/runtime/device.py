@@ -1,15 +1,14 @@
 """Where a step computes, and which process writes.
 
 `writes_here()` is the single point that decides whether this process writes
-artifacts (configs, metrics, checkpoints, manifests). Today every run is one
-process; under torch.distributed only rank 0 will write.
+artifacts (configs, metrics, checkpoints, manifests): the only process, or rank 0
+of a torchrun/srun launch (eimctl/runtime/distributed.py).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
+from eimctl.runtime.distributed import is_writer
 from eimctl.runtime.errors import EimError
 
 
@@ -23,4 +22,4 @@ def resolve_device(name: str) -> torch.device:
 
 def writes_here() -> bool:
     """True in the process that writes artifacts: the only one, or rank 0 of a distributed launch."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return is_writer()

@@ -40,9 +40,11 @@ def report_and_exit(error: BaseException) -> None:
         traceback.print_exception(error)
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         error = disk_full(error, None)
+    # Under torchrun/srun a rank's own problem (e.g. images missing on one node) must say which rank it is.
+    rank = f"rank {os.environ.get('RANK', '?')}: " if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else ""
     if isinstance(error, EimError):
-        print(f"Error: {error.line()}", file=sys.stderr)
+        print(f"Error: {rank}{error.line()}", file=sys.stderr)
     else:
-        print(f"Error: {type(error).__name__}: {error} — rerun with EIMCTL_DEBUG=1 for the traceback",
+        print(f"Error: {rank}{type(error).__name__}: {error} — rerun with EIMCTL_DEBUG=1 for the traceback",
               file=sys.stderr)
     sys.exit(1)

@@ -27,6 +27,7 @@ from eimctl.eim.schedule import resolve_schedule, schedule_uses
 from eimctl.models.factory import build_model
 from eimctl.runtime.atomic import write_json
 from eimctl.runtime.device import resolve_device
+from eimctl.runtime.distributed import device_for, finish, is_writer, start
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.progress import log
 from eimctl.runtime.rundir import eval_dir, require_upstream, skip_or_run, stage_dir, write_manifest
@@ -68,31 +69,53 @@ def load_trained(run_dir: Path, stage: str, overrides: list[str] | None = None, 
 
 def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] | None = None,
              options: dict | None = None, force: bool = False, show: bool = True) -> Path:
-    """Generate and score; returns the evaluation folder (skipped when complete with the same inputs)."""
+    """Generate and score; returns the evaluation folder (skipped when complete with the same inputs).
+
+    Under torchrun or srun the ranks share the generation by whole eval batches (eimctl/tasks/sharding.py)
+    and every rank gets all predictions back; rank 0 alone scores, runs the diagnostics and writes."""
     started = time.time()
     task, options = get_task(task_name, where="eimctl evaluate TASK"), options or {}
     config, model, upstream = load_trained(run_dir, stage, overrides, force=force)
     # the image-ablation control is its own evaluation, next to the real one
     out = eval_dir(run_dir, stage, task.name + ("-zero-images" if config.eval.zero_images else ""))
+    fingerprints = _fingerprints(task, config, upstream, options)
+    show = show and is_writer()
+    if skip_or_run(out, f"evaluation of '{stage}'", fingerprints, force=force) == "skip":
+        log(f"evaluation already complete in {out} — skipping; --force reruns it", show)
+        return out
+    device = resolve_device(config.train.device)
+    start(config.dist, device)  # every rank has read the folder's state before rank 0 clears it
+    if out.exists() and is_writer():
+        shutil.rmtree(out)
+    device = device_for(device)
+    model.to(device)
+    eval_data = getattr(task, "eval_data", None)  # an option may name the benchmark's data (mme: --mme-root)
+    split = task.read(eval_data(config.data, options) if eval_data else config.data, config.eval.split)
+    predictions = task.predict(model, config, split, device, Path(run_dir) / "cache", show)
+    if is_writer():
+        result = {**task.score(predictions, split, config, options), "stage": stage}
+        if config.eval.diagnostics:  # rank 0 alone, no collectives inside: the others wait in finish()
+            result["diagnostics"] = validation_diagnostics(model, config, task, Path(run_dir) / "cache", device)
+            log(summary_line(result["diagnostics"]), show)
+        _write(task, out, predictions, result, config, fingerprints, started, stage)
+    # Only on success: a rank that raised leaves without this closing barrier (which could meet another
+    # rank's gather and wait for the whole timeout); its launcher then stops the other ranks.
+    finish()
+    return out
+
+
+def _fingerprints(task, config: Config, upstream: dict, options: dict) -> dict:
     fingerprints = {"upstream": fingerprint(upstream["fingerprints"]), "eval": fingerprint(vars(config.eval)),
                     **{key: str(value or "") for key, value in options.items()}}
     section = getattr(config, task.name.replace("-", "_"), None)  # the task's own options (parse mode, ...)
     if section is not None:
         fingerprints["task"] = fingerprint(to_dict(section))
-    if skip_or_run(out, f"evaluation of '{stage}'", fingerprints, force=force) == "skip":
-        log(f"evaluation already complete in {out} — skipping; --force reruns it", show)
-        return out
-    if out.exists():
-        shutil.rmtree(out)
-    device = resolve_device(config.train.device)
-    model.to(device)
-    eval_data = getattr(task, "eval_data", None)  # an option may name the benchmark's data (mme: --mme-root)
-    split = task.read(eval_data(config.data, options) if eval_data else config.data, config.eval.split)
-    predictions = task.predict(model, config, split, device, Path(run_dir) / "cache", show)
-    result = {**task.score(predictions, split, config, options), "stage": stage}
-    if config.eval.diagnostics:
-        result["diagnostics"] = validation_diagnostics(model, config, task, Path(run_dir) / "cache", device)
-        log(summary_line(result["diagnostics"]), show)
+    return fingerprints
+
+
+def _write(task, out: Path, predictions, result: dict, config: Config, fingerprints: dict, started: float,
+           stage: str) -> None:
+    """Predictions, metrics.json, then the manifest (the writing process only)."""
     out.mkdir(parents=True, exist_ok=True)
     written = task.write(out, predictions)
     result["wall_seconds"] = round(time.time() - started, 3)
@@ -100,7 +123,6 @@ def evaluate(task_name: str, run_dir: Path, stage: str, *, overrides: list[str] 
     write_manifest(out, step="evaluate", config={"eval": vars(config.eval)}, fingerprints=fingerprints,
                    started=started, outputs=[*(written or task.outputs), "metrics.json"],
                    extra={"stage": stage, "benchmark": task.name})
-    return out
 
 
 def _accepts(function, inputs: dict) -> bool:

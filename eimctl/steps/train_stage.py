@@ -29,14 +29,19 @@ from eimctl.evaluate.diagnostic_figures import DIAGNOSTICS_FILE
 from eimctl.models.factory import build_model, learning_rates_by_prefix, set_trainable
 from eimctl.runtime.atomic import write_json, write_text
 from eimctl.runtime.device import resolve_device
+from eimctl.runtime.distributed import (barrier, check_same_everywhere, check_shared, check_strategy, current,
+                                        device_for, distributed_record, finish, is_writer, start, writer_first)
 from eimctl.runtime.interrupts import Interrupted
 from eimctl.runtime.jsonl import read_jsonl
+from eimctl.runtime.locks import clear_keeping_lock, hold_lock
 from eimctl.runtime.progress import log
 from eimctl.runtime.rundir import require_upstream, skip_or_run, stage_dir, write_manifest
 from eimctl.runtime.weights import WEIGHTS, save_weights
 from eimctl.tasks import formatter, get_task
 from eimctl.train.batches import image_inputs, make_collate
+from eimctl.train.fsdp import full_tensors
 from eimctl.train.loop import fit
+from eimctl.train.sharding import check_micro_batch
 
 
 class StageRecipe:
@@ -70,16 +75,19 @@ class StageRecipe:
         init_weights = self.init_weights()
         task = get_task(config.data.task)
         self.data = task.read(config.data, "train")
-        queues = require_queues(config, self.data, spec.queues, self.config_args) if spec.queues else {}
+        with writer_first():  # a queue's memory-mapped sidecar is built once, by rank 0
+            queues = require_queues(config, self.data, spec.queues, self.config_args) if spec.queues else {}
         if config.eim.center_keys:
             queues = centred_queues(queues, self.show)
         self.related = related_rows(self.data.samples, config.eim)  # None: the paper's InfoNCE
-        self.device = resolve_device(self.train.device)
-        torch.manual_seed(self.train.seed)
+        self.device = device_for(resolve_device(self.train.device))
+        torch.manual_seed(self.train.seed)  # the same initialisation on every rank
         groups, losses = schedule_uses(self.schedule)
         self.model, self.inherited = build_model(config, groups=groups, losses=losses,
                                                  trained_now=set(spec.trainable), weights=init_weights)
         set_trainable(self.model, config.model.family, spec.trainable)
+        if current().distributed:  # dropout differs per rank (as open_clip seeds it)
+            torch.manual_seed(self.train.seed + current().rank)
         check_queue_widths(self.model, queues, queue_folder(config, self.data))
         self.queues = place_queues(queues, config.eim.queue_placement, self.device, config.eim.device_queue_dtype,
                                    self.show)
@@ -89,22 +97,28 @@ class StageRecipe:
             self.model.compile_for_training()
         tokens = tokenize_for_training(self.model.tokenizer, list(map(formatter(task, config), self.data.samples)),
                                        config.data, f"{config.data.path} (train)", self.show)
-        images_for = image_inputs(self.model, self.stage_config, self.data,
-                                  self.run_dir / "cache", self.device, self.show)
+        first = 0 if getattr(self.model, "scores_first_text_token", True) else 1
+        self.token_counts = [len(t.ids) - max(t.response_start, first) for t in tokens]  # what loss_base averages
+        with writer_first():  # the feature cache is built by rank 0 while the others wait
+            images_for = image_inputs(self.model, self.stage_config, self.data,
+                                      self.run_dir / "cache", self.device, self.show)
         self.collate = make_collate(tokens, self.model.tokenizer.pad_token_id, images_for)
-        self.diagnostics = None if not config.eval.diagnostics else StageDiagnostics(
+        self.diagnostics = None if not (config.eval.diagnostics and is_writer()) else StageDiagnostics(
             self.model, self.stage_config, task, spec.losses, self.run_dir / "cache",
             self.device)
 
     def fit(self, resume: str) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_text(self.out / "config.yaml", dump_yaml(self.stage_config))
+        if is_writer():
+            write_text(self.out / "config.yaml", dump_yaml(self.stage_config))
         model, spec, eim = self.model, self.spec, self.config.eim
 
         def losses(batch: dict) -> dict:
             return compute_losses(model, batch, spec.losses, self.queues, eim, related=self.related)
 
         def clip_tuning(when: str) -> dict | None:  # drift of the CLIP tuning module, if this stage trains it
+            if not is_writer():
+                return None
             return check_clip_tuning(model, self.config, self.data, self.queues, self.device, when, self.show)
 
         before = clip_tuning("before")
@@ -112,7 +126,8 @@ class StageRecipe:
                       dataset_size=len(self.data.samples), cfg=self.train, out_dir=self.out,
                       config_fp=self.config_fp, device=self.device, resume=resume, show=self.show,
                       weights={f"loss_{k}": v for k, v in spec.losses.items()},
-                      lr_by_prefix=learning_rates_by_prefix(self.config, spec.trainable))
+                      lr_by_prefix=learning_rates_by_prefix(self.config, spec.trainable),
+                      token_counts=self.token_counts)
         self.clip_tuning = {"clip_tuning": {"before": before, "after": clip_tuning("after")}} if before else {}
         return summary
 
@@ -126,9 +141,13 @@ class StageRecipe:
         return [DIAGNOSTICS_FILE]
 
     def save(self, summary: dict) -> Path:
+        """Rank 0 writes the final weights (whole tensors, gathered by every rank under FSDP) and the manifest;
+        every rank returns the folder."""
         config, spec, out = self.config, self.spec, self.out
         trained = {n for n, p in self.model.named_parameters() if p.requires_grad} | self.inherited
-        tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n in trained}
+        tensors = full_tensors(self.model, trained)
+        if not is_writer():
+            return out
         (out / "final").mkdir(exist_ok=True)
         save_weights(out / "final" / WEIGHTS, tensors, {"stage": spec.name, "config": self.config_fp})
         diagnosed = self.diagnose()
@@ -138,6 +157,7 @@ class StageRecipe:
                        outputs=["config.yaml", "metrics.jsonl", f"final/{WEIGHTS}", *diagnosed],
                        extra={"stage": spec.name, "init": spec.init, "trainable": list(spec.trainable),
                               "losses": spec.losses, "summary": summary, "device": str(self.device),
+                              "distributed": distributed_record(self.config, self.train),
                               **self.clip_tuning})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # final/ holds the result now
         log(f"stage '{spec.name}' complete: {summary['steps']} steps, {final_losses_text(out / 'metrics.jsonl')} "
@@ -161,15 +181,35 @@ def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = Fals
                 show: bool = True, config_args: str = " <same config>") -> Path:
     """Train `stage` unless it is already complete with this config; returns its folder. `config_args`
     (e.g. " --config a.yaml train.lr=1e-4") makes the commands that errors suggest runnable as printed."""
+    start(config.dist, device_for(resolve_device(config.train.device)))
+    try:
+        return _train_stage(config, run_dir, stage, force=force, resume=resume, show=show and is_writer(),
+                            config_args=config_args)
+    finally:
+        finish()
+
+
+def _train_stage(config: Config, run_dir: Path, stage: str, *, force: bool, resume: str, show: bool,
+                 config_args: str) -> Path:
+    check_strategy(config.dist)  # before anything is written
     recipe = StageRecipe(config, run_dir, stage, show=show, config_args=config_args)
+    check_same_everywhere(recipe.config_fp, "the config fingerprint")
+    check_shared(run_dir, "the run directory")
+    check_micro_batch(recipe.train.batch_size, current(), recipe.train.micro_batch_size)
     if skip_or_run(recipe.out, f"stage '{stage}'", {"config": recipe.config_fp}, force=force,
                    on_mismatch="refuse") == "skip":
         log(f"stage '{stage}' is already complete in {recipe.out} (same config) — skipping; --force retrains it",
             show)
         return recipe.out
-    recipe.setup()
-    if force and recipe.out.exists():
-        shutil.rmtree(recipe.out)
+    with hold_lock(recipe.out, f"stage '{stage}' in {run_dir}"):  # a second launch of this stage is refused
+        recipe.setup()
+        if force and recipe.out.exists() and is_writer():
+            clear_keeping_lock(recipe.out)
+        barrier()
+        return _fit_and_save(recipe, stage, run_dir, resume)
+
+
+def _fit_and_save(recipe: StageRecipe, stage: str, run_dir: Path, resume: str) -> Path:
     if recipe.diagnostics is not None:
         recipe.diagnostics.before_training()  # the lm stage's text-only NLL of the weights it starts from
     try:

@@ -20,6 +20,7 @@ from eimctl.data.captions import read_split
 from eimctl.data.features import cached_features
 from eimctl.evaluate.caption_metrics import best_fixed_caption, score_captions, write_coco_results
 from eimctl.runtime.progress import StepProgress
+from eimctl.tasks.sharding import generate_in_batches, writer_first
 
 
 def fixed_caption_floor(train_captions: list[str], references: dict, count: int) -> dict:
@@ -48,21 +49,23 @@ class CocoCaptioning:
 
     def predict(self, model, config, split, device, cache_dir: Path, show: bool) -> dict[str, str]:
         ev = config.eval
-        features, rows = cached_features(model.clip, config.model.clip, split, config.data, cache_dir, device,
-                                         show=show)
+        features, rows = writer_first(lambda: cached_features(model.clip, config.model.clip, split, config.data,
+                                                              cache_dir, device, show=show))
         images = split.images()
-        predictions: dict[str, str] = {}
         progress = StepProgress(f"caption {ev.split} images", len(images), log_every=max(1, len(images) // 5),
                                 enabled=show)
-        for start in range(0, len(images), ev.batch_size):
-            chunk = images[start:start + ev.batch_size]
+
+        def caption(start: int, stop: int) -> list[tuple[str, str]]:
+            chunk = images[start:stop]
             batch = torch.from_numpy(features[[rows[i] for i, _ in chunk]].copy()).to(device)
             with torch.inference_mode():
                 visual = model.project(batch)
             tokens = model.generate(visual, None, max_new_tokens=ev.max_new_tokens, beam_size=ev.beam_size)
-            for (image_id, _), ids in zip(chunk, tokens):
-                predictions[image_id] = model.tokenizer.decode(ids, skip_special_tokens=True).strip()
-            progress.update(min(start + ev.batch_size, len(images)))
+            progress.update(stop)
+            return [(image_id, model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+                    for (image_id, _), ids in zip(chunk, tokens)]
+
+        predictions = dict(generate_in_batches(len(images), ev.batch_size, caption))
         progress.close()
         return predictions
 

@@ -36,6 +36,7 @@ from eimctl.runtime.atomic import write_text
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.progress import StepProgress
 from eimctl.tasks.mme_data import read_mme
+from eimctl.tasks.sharding import generate_in_batches, writer_first
 
 ALPACA_SHORT = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                 "request using a single word or phrase.\n\n### Instruction:\n{question}\n\n### Response:")
@@ -119,23 +120,25 @@ class MME:
         samples, batch_size, length = split.samples, config.eval.batch_size, mme_length(config)
         family = family_of(config)
         prompts = model.tokenizer([prompt(s.question, family) for s in samples], add_special_tokens=False)["input_ids"]
-        texts: list[str] = []
         progress = StepProgress("answer MME questions", len(samples), log_every=max(1, len(samples) // 5),
                                 enabled=show)
-        for start in range(0, len(samples), batch_size):
-            chunk = samples[start:start + batch_size]
+
+        def answer(start: int, stop: int) -> list[str]:
+            chunk = samples[start:stop]
             batch = torch.from_numpy(np.stack([features_for(s) for s in chunk]).astype(np.float32)).to(device)
             with torch.inference_mode():  # every question has its image: has_image is left at None (all)
-                ids = model.generate(model.project(batch), [list(p) for p in prompts[start:start + len(chunk)]],
+                ids = model.generate(model.project(batch), [list(p) for p in prompts[start:stop]],
                                      max_new_tokens=length, beam_size=1)
-            texts += [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-            progress.update(start + len(chunk))
+            progress.update(stop)
+            return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+        texts = generate_in_batches(len(samples), batch_size, answer)
         progress.close()
         return texts
 
     def predict(self, model, config, split, device, cache_dir: Path, show: bool) -> dict:
         """{sample id: {"subtask", "image", "question", "gt", "text", "prediction"}} in split order."""
-        features_for = _features_for(model, config, split, device, cache_dir, show)
+        features_for = writer_first(lambda: _features_for(model, config, split, device, cache_dir, show))
         texts = self._generate(model, config, split, features_for, device, show)
         return {s.sample_id: {"subtask": s.subtask, "image": s.image_name, "question": s.question, "gt": s.gt,
                               "text": text, "prediction": clean_prediction(text)}

@@ -26,6 +26,7 @@ from eimctl.runtime.errors import EimError
 from eimctl.runtime.progress import StepProgress
 from eimctl.tasks.scienceqa_data import load_problems, read_scienceqa
 from eimctl.tasks.scienceqa_prompts import ScienceQAConfig, format_problem
+from eimctl.tasks.sharding import generate_in_batches, writer_first
 
 SECTION = ScienceQAConfig
 CLIP_TEXT_CHARS = 200
@@ -89,26 +90,28 @@ class ScienceQA:
         ev, samples = config.eval, split.samples
         instructions = [pair[0] for pair in map(self.configured(config), samples)]
         prompts = model.tokenizer(instructions, add_special_tokens=False)["input_ids"]
-        texts: list[str] = []
         progress = StepProgress(f"answer {split.name} problems", len(samples), log_every=max(1, len(samples) // 5),
                                 enabled=show)
-        for start in range(0, len(samples), ev.batch_size):
-            chunk = samples[start:start + ev.batch_size]
+
+        def answer(start: int, stop: int) -> list[str]:
+            chunk = samples[start:stop]
             batch = torch.from_numpy(np.stack([features_for(s) for s in chunk]).astype(np.float32)).to(device)
             has_image = torch.tensor([s.has_image for s in chunk], dtype=torch.bool, device=device)
             with torch.inference_mode():
                 visual = model.project(batch)
-                ids = model.generate(visual, [list(p) for p in prompts[start:start + len(chunk)]],
+                ids = model.generate(visual, [list(p) for p in prompts[start:stop]],
                                      max_new_tokens=ev.max_new_tokens, beam_size=1, has_image=has_image)
-            texts += [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
-            progress.update(start + len(chunk))
+            progress.update(stop)
+            return [model.tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+        texts = generate_in_batches(len(samples), ev.batch_size, answer)
         progress.close()
         return texts
 
     def predict(self, model, config, split, device, cache_dir: Path, show: bool) -> dict:
         """{qid: {"index", "text", "failed", "answer"}} in split order; `failed`: a random index was given."""
         options = section(config)
-        features_for = _features_for(model, config, split, device, cache_dir, show)
+        features_for = writer_first(lambda: _features_for(model, config, split, device, cache_dir, show))
         texts = self._generate(model, config, split, features_for, device, show)
         rng = random.Random(options.parse_seed)
         predictions = {}

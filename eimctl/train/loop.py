@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from eimctl.runtime import faults
+from eimctl.runtime.distributed import World, barrier, broadcast_object, current, gather_objects, is_writer, settings
 from eimctl.runtime.atomic import write_text
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.interrupts import Interrupted, StopSignals
 from eimctl.runtime.progress import StepProgress, log
-from eimctl.runtime.weights import WEIGHTS, load_weights
+from eimctl.train.fsdp import release, restore, save_full, save_sharded, shard_model, wants_fsdp
 from eimctl.train.loggers import MetricsSink
 from eimctl.train.checkpoint import list_checkpoints, load_state, save_checkpoint
+from eimctl.train.sharding import NoMetrics, Sharding, check_micro_batch, distributed_objective, rank_seed, \
+    sharded_step, weighted_sum
 
 
 @dataclass
@@ -127,7 +131,7 @@ def train_step(named: dict, weights: dict, optimizer, scheduler, params: list, m
 
     The values come to the host in one copy per step (on a GPU each copy is a wait) and the total
     is checked for NaN/inf before the optimizer touches the weights."""
-    total = _weighted_sum(named, weights)
+    total = weighted_sum(named, weights)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     values = torch.stack([total.detach(), *(v.detach() for v in named.values())]).float().tolist()
@@ -141,15 +145,6 @@ def train_step(named: dict, weights: dict, optimizer, scheduler, params: list, m
     return dict(zip(["loss", *named], values))
 
 
-def _weighted_sum(named: dict, weights: dict) -> torch.Tensor:
-    """Σ weight·loss without a kernel for a weight of 1 or for the sum's starting 0."""
-    terms = [value if weights.get(name, 1.0) == 1.0 else weights[name] * value for name, value in named.items()]
-    total = terms[0]
-    for term in terms[1:]:
-        total = total + term
-    return total
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}  # dropout is the only randomness inside a step
     if torch.cuda.is_available():
@@ -161,6 +156,24 @@ def _restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_fields(world: World) -> dict:
+    """The checkpoint's RNG: one process's state (as always), or every rank's with the world size."""
+    if not world.distributed:
+        return {"rng": _rng_state()}
+    return {"rng_ranks": gather_objects(_rng_state()), "world_size": world.size}
+
+
+def _resume_rng(state: dict, world: World, seed: int, show: bool) -> None:
+    """Dropout continues exactly at the same world size; at another, it is re-seeded per (seed, step, rank)."""
+    saved = state.get("world_size", 1)
+    if saved == world.size:
+        _restore_rng(state["rng"] if saved == 1 else state["rng_ranks"][world.rank])
+        return
+    torch.manual_seed(rank_seed(seed, state["step"], world.rank))
+    log(f"checkpoint from {saved} process(es), resuming with {world.size}: data order and learning-rate "
+        "schedule continue exactly; dropout is re-seeded", show)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -178,25 +191,29 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def _resume(stage: str, checkpoints: Path, metrics_path: Path, model: nn.Module, optimizer, scheduler,
-            config_fp: str, resume: str, show: bool) -> tuple[int, dict]:
-    """(step, running log interval) to continue from: the last checkpoint's, or a fresh start."""
-    found = list_checkpoints(checkpoints)
+            config_fp: str, resume: str, show: bool, seed: int = 0) -> tuple[int, dict]:
+    """(step, running log interval) to continue from: the last checkpoint's, or a fresh start. Rank 0 picks the
+    checkpoint and every rank loads that one."""
+    world = current()
+    found = broadcast_object([p.name for p in list_checkpoints(checkpoints)] if world.rank == 0 else None)
     if found and resume == "never":
         raise EimError(f"stage '{stage}' has checkpoints from an interrupted run", where=str(checkpoints),
                        hint="pass --resume auto to continue it, or --force to start over")
     if not found:
-        metrics_path.unlink(missing_ok=True)
+        if is_writer():
+            metrics_path.unlink(missing_ok=True)
         return 0, {"sum": {}, "count": 0}
-    state = load_state(found[-1])
+    folder = checkpoints / found[-1]
+    state = load_state(folder)
     if state.get("config_fingerprint") != config_fp:
-        raise EimError(f"checkpoints of stage '{stage}' come from another config", where=str(found[-1]),
+        raise EimError(f"checkpoints of stage '{stage}' come from another config", where=str(folder),
                        hint="resume with the config they were made with, or --force to start over")
-    load_weights(model, found[-1] / WEIGHTS)
-    optimizer.load_state_dict(state["optimizer"])
+    restore(folder, state, model, optimizer)  # any format, into a plain or an FSDP-sharded model
     scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(state["rng"])
-    _truncate_metrics(metrics_path, state["step"])
-    log(f"resuming stage '{stage}' from step {state['step']} ({found[-1].name})", show)
+    _resume_rng(state, world, seed, show)
+    if is_writer():
+        _truncate_metrics(metrics_path, state["step"])
+    log(f"resuming stage '{stage}' from step {state['step']} ({folder.name})", show)
     return state["step"], state["interval"]
 
 
@@ -221,55 +238,121 @@ def _accumulate(interval: dict, losses: dict, step: int, plan: Plan, scheduler, 
 def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
         dataset_size: int, cfg, out_dir: Path, config_fp: str, device: torch.device,
         resume: str = "auto", show: bool = True, weights: dict | None = None,
-        lr_by_prefix: dict[str, float] | None = None) -> dict:
+        lr_by_prefix: dict[str, float] | None = None, token_counts: list[int] | None = None) -> dict:
     """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints.
-    `lr_by_prefix` gives parameters whose names start with a prefix their own learning rate."""
+    `lr_by_prefix` gives parameters whose names start with a prefix their own learning rate. `token_counts`
+    (scored response tokens per sample) weigh loss_base when a global batch is split over ranks or
+    micro-batches (eimctl/train/sharding.py)."""
+    world = current()
     plan = Plan(dataset_size, cfg.batch_size, cfg.epochs, cfg.max_steps)
+    check_micro_batch(cfg.batch_size, world, cfg.micro_batch_size)
+    # FSDP2 replaces the parameters with sharded ones (DTensors): shard first, then build the optimiser over them
+    objective = shard_model(model, losses, device) if wants_fsdp(show) else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EimError(f"stage '{stage}' has nothing to train", hint="check the stage's trainable modules")
     optimizer = make_optimizer(model, params, cfg, lr_by_prefix)
     warmup = round(cfg.warmup_epochs * plan.steps_per_epoch) if cfg.warmup_epochs else cfg.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(warmup, plan.total_steps, cfg.schedule))
-    checkpoints = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    step, interval = _resume(stage, checkpoints, metrics_path, model, optimizer, scheduler, config_fp, resume, show)
-
-    model.to(device)
+    step, interval = _resume(stage, out_dir / "checkpoints", out_dir / "metrics.jsonl", model, optimizer, scheduler,
+                             config_fp, resume, show, cfg.seed)
+    if objective is None:
+        model.to(device)
     model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    loader = DataLoader(_Indices(collate), batch_sampler=batches_from(plan, cfg.seed, step), collate_fn=collate,
-                        num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and device.type == "cuda",
-                        # its own generator: drawing worker seeds must not move the global RNG (dropout)
-                        generator=torch.Generator().manual_seed(cfg.seed))
-    progress = StepProgress(f"train {stage}", plan.total_steps, start=step, log_every=cfg.log_every, enabled=show)
-    started, samples_seen, last_losses = time.time(), 0, {}
-    saved_at = time.monotonic()  # train.checkpoint_minutes counts from here
-    with MetricsSink(metrics_path, cfg.loggers, out_dir) as metrics, StopSignals() as stop:
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast:
-                named = losses(batch)
-            last_losses = train_step(named, weights or {}, optimizer, scheduler, params, cfg.max_grad_norm,
-                                     step + 1, out_dir)
-            step += 1
-            samples_seen += len(batch["indices"])
-            interval = _accumulate(interval, last_losses, step, plan, scheduler, metrics, started, samples_seen,
-                                   cfg.log_every)
-            progress.update(step, f"loss {last_losses['loss']:.4f}")
-            minutes_due = cfg.checkpoint_minutes and time.monotonic() - saved_at >= cfg.checkpoint_minutes * 60
-            if step < plan.total_steps and (step % cfg.checkpoint_every == 0 or minutes_due or stop.signal):
-                metrics.flush()
-                folder = save_checkpoint(checkpoints, step, model, {
-                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state(), "interval": interval, "config_fingerprint": config_fp},
-                    keep=cfg.keep_checkpoints)
-                saved_at = time.monotonic()
-                if stop.signal:  # the last step finishes the stage instead (a checkpoint there would be final/)
-                    progress.close()
-                    raise Interrupted(stop.signal, step, plan.total_steps, str(folder))
-            faults.crash_after_step(step, flush=metrics.flush)
-            faults.pace()
-    progress.close()
-    return {"steps": step, "final_loss": last_losses.get("loss"), "samples_per_s": samples_seen / max(
-        time.time() - started, 1e-9)}
+    run = _Run(stage, model, losses, cfg, out_dir, config_fp, device, show and is_writer(), weights or {},
+               Sharding(world, token_counts or [1] * dataset_size, cfg.micro_batch_size), plan, objective)
+    summary = run.loop(collate, optimizer, scheduler, params, step, interval)
+    if objective is not None:
+        release(objective)  # whole tensors again, for what runs after training
+    return summary
+
+
+class _Run:
+    """The steps of one fit: batches in, optimiser steps, logs and checkpoints out."""
+
+    def __init__(self, stage, model, losses, cfg, out_dir, config_fp, device, show, weights, sharding, plan,
+                 objective=None):
+        self.stage, self.model, self.losses, self.cfg, self.out_dir = stage, model, losses, cfg, out_dir
+        self.config_fp, self.device, self.show, self.weights = config_fp, device, show, weights
+        self.sharding, self.plan, self.world = sharding, plan, current()
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+        self.fsdp = objective is not None  # already sharded by FSDP2 (eimctl/train/fsdp.py)
+        self.objective = objective if self.fsdp else distributed_objective(model, losses, self.world, device)
+
+    def prepare(self, objective, batch: dict) -> dict:
+        batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with self.autocast:
+            return objective(batch)
+
+    def loader(self, collate, step: int) -> DataLoader:
+        cfg = self.cfg
+        return DataLoader(_Indices(collate), batch_sampler=self.sharding.local_batches(
+                              batches_from(self.plan, cfg.seed, step)), collate_fn=collate,
+                          num_workers=cfg.num_workers, pin_memory=cfg.pin_memory and self.device.type == "cuda",
+                          # its own generator: drawing worker seeds must not move the global RNG (dropout)
+                          generator=torch.Generator().manual_seed(cfg.seed))
+
+    def one_step(self, batches, global_indices, optimizer, scheduler, params, step, flags) -> tuple[dict, list, int]:
+        """(losses, flags() after the step — agreed by every rank —, global samples) of the next step."""
+        shares = self.sharding.shares(global_indices)
+        if self.sharding.plain:
+            named = self.prepare(self.losses, next(batches))
+            values = train_step(named, self.weights, optimizer, scheduler, params, self.cfg.max_grad_norm, step,
+                                self.out_dir)
+            return values, flags(), len(global_indices)
+        values, agreed = sharded_step(self.objective, batches, shares, self.weights, optimizer, scheduler, params,
+                                      self.cfg.max_grad_norm, step, self.out_dir, self.prepare, flags)
+        return values, agreed, shares[0].samples
+
+    def loop(self, collate, optimizer, scheduler, params, step: int, interval: dict) -> dict:
+        cfg, plan, checkpoints = self.cfg, self.plan, self.out_dir / "checkpoints"
+        batches = iter(self.loader(collate, step))
+        progress = StepProgress(f"train {self.stage}", plan.total_steps, start=step, log_every=cfg.log_every,
+                                enabled=self.show)
+        started, samples_seen, last_losses = time.time(), 0, {}
+        saved_at = time.monotonic()  # train.checkpoint_minutes counts from here
+        sink = MetricsSink(self.out_dir / "metrics.jsonl", cfg.loggers, self.out_dir) if is_writer() else NoMetrics()
+        with sink as metrics, StopSignals() as stop:
+            for global_indices in batches_from(plan, cfg.seed, step):
+                def flags() -> list[float]:  # a signal received, checkpoint minutes elapsed
+                    minutes = cfg.checkpoint_minutes and time.monotonic() - saved_at >= cfg.checkpoint_minutes * 60
+                    return [float(bool(stop.signal)), float(bool(minutes))]
+                last_losses, (stopping, due), samples = self.one_step(
+                    batches, global_indices, optimizer, scheduler, params, step + 1, flags)
+                step += 1
+                samples_seen += samples
+                interval = _accumulate(interval, last_losses, step, plan, scheduler, metrics, started, samples_seen,
+                                       cfg.log_every)
+                progress.update(step, f"loss {last_losses['loss']:.4f}")
+                if step < plan.total_steps and (step % cfg.checkpoint_every == 0 or due or stopping):
+                    folder = self.checkpoint(metrics, checkpoints, step, optimizer, scheduler, interval)
+                    saved_at = time.monotonic()
+                    if stopping:  # the last step finishes the stage instead (a checkpoint there would be final/)
+                        progress.close()
+                        raise Interrupted(stop.signal or signal.SIGTERM, step, plan.total_steps, str(folder))
+                faults.crash_after_step(step, flush=metrics.flush)
+                faults.pace()
+        progress.close()
+        return {"steps": step, "final_loss": last_losses.get("loss"), "samples_per_s": samples_seen / max(
+            time.time() - started, 1e-9), "world_size": self.world.size}
+
+    def checkpoint(self, metrics, checkpoints: Path, step: int, optimizer, scheduler, interval: dict) -> Path:
+        """Rank 0 writes the checkpoint (full tensors; every rank's RNG state in it)."""
+        metrics.flush()
+        if self.fsdp:
+            return self.fsdp_checkpoint(checkpoints, step, optimizer, scheduler, interval)
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 **_rng_fields(self.world), "interval": interval, "config_fingerprint": self.config_fp}
+        folder = checkpoints / f"step-{step:06d}"
+        if is_writer():
+            folder = save_checkpoint(checkpoints, step, self.model, state, keep=self.cfg.keep_checkpoints)
+        barrier()
+        return folder
+
+    def fsdp_checkpoint(self, checkpoints: Path, step: int, optimizer, scheduler, interval: dict) -> Path:
+        """Under FSDP every rank takes part: whole tensors gathered for rank 0 (full), or each rank's shards
+        written with torch.distributed.checkpoint (sharded)."""
+        state = {"step": step, "scheduler": scheduler.state_dict(), **_rng_fields(self.world), "interval": interval,
+                 "config_fingerprint": self.config_fp}
+        save = save_sharded if settings().checkpoint_format == "sharded" else save_full
+        return save(checkpoints, step, self.model, optimizer, state, self.cfg.keep_checkpoints)
