@@ -37,8 +37,12 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two phases: the single-process tests on TEST_WORKERS pytest-xdist workers, then the `distributed` group
+# (torchrun with 2-3 gloo ranks each, which would oversubscribe the cores if run beside other tests).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not distributed"
+	$(PY) -m pytest -q -m distributed
 
 # Benchmarks (benchmarks/run.py): prints each figure and writes benchmarks/RESULTS.md.
 # EIMCTL_BENCH_SCALE=full for COCO-scale sizes on larger machines.

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -53,7 +52,9 @@ def _assert_same(one: Path, two: Path, files: list[str]) -> None:
     assert metrics[0] == metrics[1]
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in (one, two)]
     assert manifests[0]["status"] == manifests[1]["status"] == "complete"
-    assert manifests[0]["outputs"] == manifests[1]["outputs"]
+    # metrics.json holds wall_seconds, so only its name is compared; the other outputs byte for byte
+    assert manifests[0]["outputs"].keys() == manifests[1]["outputs"].keys()
+    assert all(manifests[0]["outputs"][name] == manifests[1]["outputs"][name] for name in files)
     assert manifests[0]["fingerprints"] == manifests[1]["fingerprints"]
 
 
@@ -72,28 +73,13 @@ def test_batches_split_by_rank_and_come_back_in_order(size, monkeypatch):
             assert sharding.generate_in_batches(total, batch_size, lambda a, b: list(range(a, b))) == list(range(total))
 
 
-def test_coco_two_ranks_write_what_one_process_writes(tmp_path, tiny_overrides):
-    trained = tmp_path / "trained"
-    result = runner.invoke(app, ["train-stage", "base", "--run-dir", str(trained), "-q", *tiny_overrides])
-    assert result.exit_code == 0, result.output
-    # 6 test images in batches of 2: 3 batches, so rank 0 generates two and rank 1 one
-    one, two = _plain_and_two_ranks(trained, tmp_path, ["coco", "-q", "eval.batch_size=2", "eval.max_new_tokens=6"])
-    _assert_same(one / "eval/base-coco", two / "eval/base-coco", ["predictions.json"])
-    assert len(json.loads((one / "eval/base-coco/predictions.json").read_text())) == 6
-
-
 @pytest.fixture(scope="module")
 def sqa_assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sqa-dist")
     data = root / "data"
     generate_scienceqa_demo(data, n_train=16, n_val=4, n_test=9, image_size=32)
-    problems = json.loads((data / "problems.json").read_text())
-    words = {w for p in problems.values() for field in ("question", "hint", "lecture", "solution")
-             for w in re.findall(r"\w+|[^\w\s]", p[field])}
-    words |= {w for p in problems.values() for c in p["choices"] for w in re.findall(r"\w+|[^\w\s]", c)}
-    words |= {"Question", "Context", "Options", "Response", "The", "answer", "is", "BECAUSE", "(", ")", ":", "."}
     return {"data": data, "clip": tiny.make_tiny_clip(root / "clip"),
-            "lm": tiny.make_tiny_llama(root / "llama", hidden=32, layers=1, words=sorted(words))}
+            "lm": tiny.make_tiny_llama(root / "llama", hidden=32, layers=1, words=tiny.scienceqa_words(data))}
 
 
 def test_scienceqa_two_ranks_write_what_one_process_writes(tmp_path, sqa_assets):

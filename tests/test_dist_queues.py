@@ -122,9 +122,20 @@ def test_two_rank_build_killed_part_way_is_finished_by_one_process(tmp_path, ove
     assert code == -signal.SIGKILL
     assert not (folder / "manifest.json").exists()
     assert 3 <= len(_parts(folder, "ke")) < 12 and not _parts(folder, "kb")
+    _wait_until_the_lock_holder_is_gone(folder)  # SIGKILL is delivered, but rank 0 may take a moment to die
     result = _plain(tmp_path, overrides, "-q")
     assert result.exit_code == 0, result.output
     assert_same_queues(reference, folder)
+
+
+def _wait_until_the_lock_holder_is_gone(folder: Path, timeout: float = 20.0) -> None:
+    from eimctl.runtime.locks import _pid_alive
+
+    lock = folder / ".lock"
+    pid = json.loads(lock.read_text())["pid"] if lock.is_file() else None
+    deadline = time.time() + timeout
+    while pid is not None and _pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.05)
 
 
 def test_one_process_stopped_part_way_is_finished_by_two_ranks(tmp_path, overrides, reference):

@@ -205,3 +205,16 @@ def test_train_stage_and_build_queues_refuse_a_held_folder_and_take_over_a_stale
     refused = runner.invoke(app, ["build-queues", "-q", *queues])
     assert refused.exit_code == 1 and f"is in use by pid {os.getpid()}" in refused.output
     assert not (folder / "manifest.json").exists()
+
+
+def test_a_zombie_holder_counts_as_dead(tmp_path):
+    """A killed holder that nobody has reaped (common for torchrun's ranks in a container) holds nothing."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.01)   # exited, not yet waited for: a zombie
+    assert not locks._pid_alive(child.pid)
+    _write_lock(tmp_path / "store", pid=child.pid)
+    with hold_lock(tmp_path / "store", "the queue store"):
+        assert _lock_record(tmp_path / "store")["pid"] == os.getpid()
+    child.wait()

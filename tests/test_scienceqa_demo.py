@@ -189,3 +189,22 @@ def test_llama_pretraining_runs_loads_back_and_lowers_the_loss(llama_dir, tmp_pa
     assert again == [f"llama: already pretrained in {path}"]
     with pytest.raises(EimError, match="no demo set in"):
         pretrain_demo_llama(tmp_path / "nothing", tmp_path / "models")
+
+
+def test_the_formatted_pretraining_pool_is_apart_from_the_set(default_set):
+    """demo-pretrain's formatted documents: the LaVIN QCM-ALE prompt and target of problems drawn from another
+    seed, none with the key of a val or test problem, deterministic."""
+    from eimctl.data.scienceqa_demo import draw_text_problems, problem_key
+    from eimctl.demo.pretrain_llama import format_documents, read_split
+
+    root = default_set[0]
+    held_out = {problem_key(p) for split in ("val", "test") for p in read_split(root, split)}
+    pool = draw_text_problems(300, 1000, held_out)
+    assert not {problem_key(p) for p in pool} & held_out
+    assert pool == draw_text_problems(300, 1000, held_out) and pool != draw_text_problems(300, 1001, held_out)
+    documents = format_documents(root, 300, 1000)
+    assert len(documents) == 300
+    for problem, document in zip(pool, documents):
+        letter = "ABCDE"[problem["answer"]]
+        assert document.startswith(f"Question: {problem['question']}\nContext: {problem['hint'] or 'N/A'}\n")
+        assert f"\nResponse:The answer is {letter}. BECAUSE: " in document

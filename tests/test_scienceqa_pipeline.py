@@ -2,8 +2,6 @@
 instruction + response (QCM -> ALE), the segmented schedule st -> lm -> adapter, then `evaluate scienceqa`
 (generation, the official parse, the official scorer, the official results file) and the image-ablation control."""
 import json
-import re
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -20,14 +18,9 @@ def sqa(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("sqa")
     data = root / "data"
     generate_scienceqa_demo(data, n_train=24, n_val=6, n_test=12, image_size=32)
-    problems = json.loads((data / "problems.json").read_text())
-    words = {w for p in problems.values() for field in ("question", "hint", "lecture", "solution")
-             for w in re.findall(r"\w+|[^\w\s]", p[field])}
-    words |= {w for p in problems.values() for c in p["choices"] for w in re.findall(r"\w+|[^\w\s]", c)}
-    words |= {"Question", "Context", "Options", "Response", "The", "answer", "is", "BECAUSE", "Image", "N", "A",
-              "B", "C", "D", "E", "(", ")", ":", ".", "/", "\\", "n"}
     return {"data": data, "clip": tiny.make_tiny_clip(root / "clip", layers=4),
-            "lm": tiny.make_tiny_llama(root / "llama", words=sorted(words))}
+            "lm": tiny.make_tiny_llama(root / "llama", words=tiny.scienceqa_words(
+                data, ("Image", "N", "A", "B", "C", "D", "E", "/", "\\", "n")))}
 
 
 FAMILY = {"llama-adapter": ["model.llama_adapter.layers=2", "model.llama_adapter.prompt_len=4",

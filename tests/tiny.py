@@ -103,3 +103,16 @@ def make_tiny_data(out: Path, n_train: int = 24, n_val: int = 6, n_test: int = 6
                 lines.append(json.dumps({"sample_id": f"{split}-{n}-{k}", "image": name, "caption": captions[k]}))
         (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return out
+
+
+def scienceqa_words(data: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The word-level vocabulary of a generated ScienceQA set's text, plus the prompt format's markers."""
+    import re
+
+    problems = json.loads((Path(data) / "problems.json").read_text())
+    words = {w for p in problems.values() for field in ("question", "hint", "lecture", "solution")
+             for w in re.findall(r"\w+|[^\w\s]", p[field])}
+    words |= {w for p in problems.values() for c in p["choices"] for w in re.findall(r"\w+|[^\w\s]", c)}
+    words |= {"Question", "Context", "Options", "Response", "The", "answer", "is", "BECAUSE", "(", ")", ":", ".",
+              *extra}
+    return sorted(words)

@@ -112,8 +112,15 @@ def start(dist_cfg, device: torch.device | None = None) -> World:
     if device is not None and device.type == "cuda":
         _check_gpus(world)
         torch.cuda.set_device(world.local_rank)
-    torch.distributed.init_process_group(backend, timeout=timedelta(minutes=dist_cfg.timeout_minutes),
-                                         rank=world.rank, world_size=world.size)
+    timeout = timedelta(minutes=dist_cfg.timeout_minutes)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart in ("", "0"):
+        torch.distributed.init_process_group(backend, timeout=timeout, rank=world.rank, world_size=world.size)
+    else:  # after `torchrun --max-restarts`: the store still holds the dead attempt's addresses; keep apart from them
+        store, _, _ = next(torch.distributed.rendezvous("env://", rank=world.rank, world_size=world.size,
+                                                        timeout=timeout))
+        torch.distributed.init_process_group(backend, store=torch.distributed.PrefixStore(f"restart-{restart}/", store),
+                                             timeout=timeout, rank=world.rank, world_size=world.size)
     _current = world
     return world
 

@@ -97,7 +97,10 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:                  # alive, owned by another user
         return True
-    return True
+    try:                                     # a killed process nobody has reaped yet (a zombie) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 def _stale_reason(record: dict | None, stat: os.stat_result) -> str | None:

@@ -30,7 +30,7 @@ from eimctl.train.fsdp import release, restore, save_full, save_sharded, shard_m
 from eimctl.train.loggers import MetricsSink
 from eimctl.train.checkpoint import list_checkpoints, load_state, save_checkpoint
 from eimctl.train.sharding import NoMetrics, Sharding, check_micro_batch, distributed_objective, rank_seed, \
-    sharded_step, weighted_sum
+    sharded_step, update, weighted_sum
 
 
 @dataclass
@@ -135,13 +135,7 @@ def train_step(named: dict, weights: dict, optimizer, scheduler, params: list, m
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     values = torch.stack([total.detach(), *(v.detach() for v in named.values())]).float().tolist()
-    if not math.isfinite(values[0]):
-        raise EimError(f"loss became {values[0]} at step {step}", where=str(where),
-                       hint="lower train.lr or check the data; resume from the last checkpoint")
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
+    update(values[0], optimizer, scheduler, params, max_grad_norm, step, where)
     return dict(zip(["loss", *named], values))
 
 

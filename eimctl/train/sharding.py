@@ -170,14 +170,20 @@ def sharded_step(objective, batches, shares: list, weights: dict, optimizer, sch
         sums, names = part if sums is None else [a + b for a, b in zip(sums, part)], list(named)
     values = reduced(torch.stack(sums).double().tolist() + flags(), world)
     losses, agreed = [v / world.size for v in values[:len(sums)]], values[len(sums):]
-    if not math.isfinite(losses[0]):
-        raise EimError(f"loss became {losses[0]} at step {step}", where=str(where),
+    update(losses[0], optimizer, scheduler, params, max_grad_norm, step, where)
+    return dict(zip(["loss", *names], losses)), agreed
+
+
+def update(total: float, optimizer, scheduler, params: list, max_grad_norm: float, step: int, where) -> None:
+    """The optimiser step after the backward passes, unless the step's total loss is NaN/inf (then one error,
+    before the weights are touched)."""
+    if not math.isfinite(total):
+        raise EimError(f"loss became {total} at step {step}", where=str(where),
                        hint="lower train.lr or check the data; resume from the last checkpoint")
     if max_grad_norm:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     scheduler.step()
-    return dict(zip(["loss", *names], losses)), agreed
 
 
 class NoMetrics:
