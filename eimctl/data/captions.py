@@ -26,15 +26,22 @@ class CaptionSample:
 
 
 @dataclass
-class CaptionSplit:
+class Split:
+    """One split of any task's data: its samples (each with `image`/`image_id`, None for text-only), where
+    their images are, and a fingerprint of the files read."""
     name: str
     image_root: Path
-    samples: list[CaptionSample]
+    samples: list
     fingerprint: str
 
     def images(self) -> list[tuple[str, str]]:
-        """Unique (image_id, image path) pairs in first-seen order."""
+        """Unique (image_id, image path) pairs of the samples that have an image, in first-seen order."""
         return unique_images(self.samples)
+
+
+@dataclass
+class CaptionSplit(Split):
+    samples: list[CaptionSample]
 
     def references(self) -> dict[str, list[str]]:
         refs: dict[str, list[str]] = {}

@@ -20,7 +20,7 @@ is one EimError naming the file and the row (its 0-based position in the JSON li
 
 Splits: `train` is the files above; `val`, when data.path is a folder holding a `val/` folder, is read
 from there the same way (qids prefixed "val:"); the data has no test split (no benchmark: evaluate a
-chatbot stage with mme). The split has the duck type of eimctl/data/captions.py's CaptionSplit.
+chatbot stage with mme). The split is an eimctl/data/captions.py Split.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from eimctl.data.images import resolve_image
-from eimctl.data.captions import unique_images
+from eimctl.data.captions import Split
 from eimctl.runtime.errors import EimError
 from eimctl.tasks.instruct_prompts import strip_image_marker
 
@@ -62,15 +62,8 @@ class InstructSample:
 
 
 @dataclass
-class InstructSplit:
-    name: str
-    image_root: Path
+class InstructSplit(Split):
     samples: list[InstructSample]
-    fingerprint: str
-
-    def images(self) -> list[tuple[str, str]]:
-        """Unique (image_id, image path) pairs of the image samples, in split order."""
-        return unique_images(self.samples)
 
 
 def _bad_row(path: Path, row: int, problem: str, hint: str) -> EimError:

@@ -10,8 +10,8 @@ order is the split's order (a sample's position is its queue index). `captions.j
 `{"captions": {qid: caption}}`; a problem without one has the caption "".
 
 An image lives under the folder of the problem's own `split` field, so `minitest` or `trainval`
-find their images where the official download puts them. The split object has the same duck type
-as eimctl/data/captions.py's CaptionSplit; `images()` lists only the problems that have an image.
+find their images where the official download puts them. The split is an eimctl/data/captions.py
+Split; `images()` lists only the problems that have an image.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from eimctl.data.captions import unique_images
+from eimctl.data.captions import Split
 from eimctl.runtime.errors import EimError
 
 FIELDS = ("question", "choices", "answer", "hint", "image", "task", "grade", "subject", "topic", "category",
@@ -61,15 +61,8 @@ class ScienceQASample:
 
 
 @dataclass
-class ScienceQASplit:
-    name: str
-    image_root: Path
+class ScienceQASplit(Split):
     samples: list[ScienceQASample]
-    fingerprint: str
-
-    def images(self) -> list[tuple[str, str]]:
-        """Unique (image_id, image path) pairs of the problems that have an image, in split order."""
-        return unique_images(self.samples)
 
 
 def _read_json(path: Path, what: str):
