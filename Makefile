@@ -41,7 +41,7 @@ install: $(STAMP)
 # (torchrun with 2-3 gloo ranks each, which would oversubscribe the cores if run beside other tests).
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not distributed"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not distributed"
 	$(PY) -m pytest -q -m distributed
 
 # Benchmarks (benchmarks/run.py): prints each figure and writes benchmarks/RESULTS.md.
