@@ -30,7 +30,8 @@ from eimctl.models.factory import build_model, learning_rates_by_prefix, set_tra
 from eimctl.runtime.atomic import write_json, write_text
 from eimctl.runtime.device import resolve_device
 from eimctl.runtime.distributed import (barrier, check_same_everywhere, check_shared, check_strategy, current,
-                                        device_for, distributed_record, finish, is_writer, start, writer_first)
+                                        device_for, distributed_record, finish, is_writer, leave, start,
+                                        writer_first)
 from eimctl.runtime.interrupts import Interrupted
 from eimctl.runtime.jsonl import read_jsonl
 from eimctl.runtime.locks import clear_keeping_lock, hold_lock
@@ -183,10 +184,13 @@ def train_stage(config: Config, run_dir: Path, stage: str, *, force: bool = Fals
     (e.g. " --config a.yaml train.lr=1e-4") makes the commands that errors suggest runnable as printed."""
     start(config.dist, device_for(resolve_device(config.train.device)))
     try:
-        return _train_stage(config, run_dir, stage, force=force, resume=resume, show=show and is_writer(),
-                            config_args=config_args)
-    finally:
-        finish()
+        out = _train_stage(config, run_dir, stage, force=force, resume=resume, show=show and is_writer(),
+                           config_args=config_args)
+    except BaseException:
+        leave()  # no barrier: a rank that failed alone would wait there for ever; torchrun stops the others
+        raise
+    finish()
+    return out
 
 
 def _train_stage(config: Config, run_dir: Path, stage: str, *, force: bool, resume: str, show: bool,

@@ -135,8 +135,7 @@ def reduced(values: list[float], world: World) -> list[float]:
     trailing flags (stop requested, ...) come back as counts of ranks."""
     if not world.distributed:
         return values
-    total = all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
-    return total
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def rank_seed(seed: int, step: int, rank: int) -> int:
