@@ -83,6 +83,9 @@ def test_two_ranks_build_the_same_queues_as_one_process(tmp_path, overrides, ref
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_queues(reference, _folder(tmp_path))
     assert done.stdout.count("key queues (48 rows") == 1          # only rank 0 prints
+    ran = {json.loads((folder / "manifest.json").read_text())["distributed"]["world_size"]
+           for folder in (reference, _folder(tmp_path))}
+    assert ran == {1, 2}                                          # the manifest says how it was built
 
 
 def test_shards_then_the_plain_command_equal_one_process(tmp_path, overrides, reference):

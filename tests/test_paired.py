@@ -82,3 +82,18 @@ def test_the_summary_names_the_data_a_benchmark_was_scored_on():
             ReportRow(run="old", stage="base", benchmark="coco", metrics={"Bleu_4": 0.3, "CIDEr": 1.0}, group="old")]
     table = summary_markdown(rows, ("eim", "base-ie"))
     assert table.startswith("### coco on demo/data") and table.count("### ") == 1   # one table per benchmark
+
+
+def test_the_summary_shows_each_benchmarks_own_headline_metric():
+    from eimctl.evaluate.aggregate import summary_markdown
+    rows = [ReportRow(run="lavin-base", stage="base", benchmark="scienceqa", metrics={"Avg": 40.0, "IMG": 30.0},
+                      group="lavin-base"),
+            ReportRow(run="lavin-eim", stage="base-ie", benchmark="scienceqa", metrics={"Avg": 42.5}, group="lavin-eim"),
+            ReportRow(run="lavin-eim", stage="base-ie", benchmark="mme",
+                      metrics={"perception": 208.33, "color": 58.33}, group="lavin-eim")]
+    table = summary_markdown(rows, ("lavin-base", "base"))
+    assert "| Configuration | n | Avg acc | Δ Avg acc | Val NLL | Image gap |" in table
+    assert "| lavin-base / base | 1 | 40.00 | baseline |" in table
+    assert "| lavin-eim / base-ie | 1 | 42.50 | +2.50 |" in table   # accuracy in points, not ×100
+    assert "| Configuration | n | Perception | Δ Perception | Val NLL | Image gap |" in table
+    assert "| lavin-eim / base-ie | 1 | 208.33 |  |" in table and "BLEU" not in table

@@ -12,9 +12,15 @@ from eimctl.evaluate.paired import paired_differences
 # pycocoevalcap metrics (0-1 scale), in the order papers print them, with their headers.
 CAPTION_METRICS = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",
                    "METEOR": "METEOR", "ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr", "SPICE": "SPICE"}
+# Headline figures of the other benchmarks, as they report them: ScienceQA's average accuracy, MME's sums.
+HEADLINE_METRICS = {"Avg": "Avg acc", "perception": "Perception", "cognition": "Cognition"}
+SCORED = {**CAPTION_METRICS, **HEADLINE_METRICS}
 # What the aggregate table shows: (header, scale, decimals); caption metrics ×100 as papers print them.
 AGGREGATED = {**{name: (f"{label} ×100", 100.0, 2) for name, label in CAPTION_METRICS.items()},
+              **{name: (label, 1.0, 2) for name, label in HEADLINE_METRICS.items()},
               "val_nll": ("Val NLL", 1.0, 3), "image_use_gap": ("Image gap", 1.0, 3)}
+# The summary's columns per benchmark: the first of these sets that the benchmark's rows have.
+SUMMARY_COLUMNS = (("Bleu_4", "CIDEr"), ("Avg",), ("perception", "cognition"))
 
 
 def _is_number(value) -> bool:
@@ -22,7 +28,7 @@ def _is_number(value) -> bool:
 
 
 def _figure(row, name: str):
-    return row.metrics.get(name) if name in CAPTION_METRICS else (row.diagnostics or {}).get(name)
+    return row.metrics.get(name) if name in SCORED else (row.diagnostics or {}).get(name)
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -110,33 +116,49 @@ def _delta(entry: dict, base: dict | None, paired: dict | None, metric: str) -> 
     return f"{entry['metrics'][metric][0] - base['metrics'][metric][0]:+.2f}"
 
 
+def _summary_columns(entries: list[dict]) -> tuple[str, ...]:
+    """The benchmark's headline metrics: BLEU-4 and CIDEr for captions, Avg for ScienceQA, MME's two sums."""
+    for columns in SUMMARY_COLUMNS:
+        if any(name in entry["metrics"] for entry in entries for name in columns):
+            return tuple(name for name in columns if any(name in entry["metrics"] for entry in entries))
+    return SUMMARY_COLUMNS[0]
+
+
+def _label(name: str) -> str:
+    header, scale, _ = AGGREGATED[name]
+    return header if scale == 1.0 else header.replace(" ×100", "")
+
+
 def summary_markdown(rows, baseline: tuple[str, str]) -> str:
     """One compact table per benchmark in the paper's Table 4 shape: a row per configuration (run folder
-    / stage), BLEU-4 and CIDEr (mean ± std when several seeds), Δ vs the baseline, val NLL and image-use
-    gap; the benchmark's fixed-caption floor once, last."""
+    / stage), the benchmark's headline metrics (BLEU-4 and CIDEr, ScienceQA's Avg, MME's perception and
+    cognition; mean ± std when several seeds), Δ vs the baseline, val NLL and image-use gap; the benchmark's
+    fixed-caption floor once, last."""
     aggregated = aggregate_rows(rows)
     paired = {(p["group"], p["stage"], p["benchmark"]): p for p in paired_differences(rows, baseline)}
     benchmarks = list(dict.fromkeys(a["benchmark"] for a in aggregated if "(fixed caption)" not in a["benchmark"]))
     blocks = []
     for benchmark in benchmarks:
         entries = [a for a in aggregated if a["benchmark"] == benchmark]
+        columns = _summary_columns(entries)
         base = next((a for a in entries if (a["group"], a["stage"]) == baseline), None)
         datasets = sorted({row.dataset for row in rows if row.benchmark == benchmark and getattr(row, "dataset", "")})
         title = f"### {benchmark}" + (f" on {', '.join(datasets)}" if datasets else "")
-        lines = [title, "", "| Configuration | n | BLEU-4 ×100 | CIDEr ×100 | Δ BLEU-4 | Δ CIDEr | "
-                 "Val NLL | Image gap |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines = [title, "", "| Configuration | n | " + " | ".join(AGGREGATED[m][0] for m in columns) + " | "
+                 + " | ".join(f"Δ {_label(m)}" for m in columns) + " | Val NLL | Image gap |",
+                 "|---|---:|" + "---:|" * (2 * len(columns) + 2)]
         for entry in entries:
-            is_base = entry is base
             get = entry["metrics"].get
-            deltas = ["baseline"] * 2 if is_base else [
-                _delta(entry, base, paired.get((entry["group"], entry["stage"], benchmark)), m) for m in ("Bleu_4", "CIDEr")]
-            lines.append(f"| {entry['group']} / {entry['stage']} | {entry['n']} | {_cell(get('Bleu_4'), entry['n'])} | "
-                         f"{_cell(get('CIDEr'), entry['n'])} | {deltas[0]} | {deltas[1]} | "
-                         f"{_cell(get('val_nll'), entry['n'], 3)} | {_cell(get('image_use_gap'), entry['n'], 3)} |")
+            deltas = ["baseline"] * len(columns) if entry is base else [
+                _delta(entry, base, paired.get((entry["group"], entry["stage"], benchmark)), m) for m in columns]
+            lines.append(f"| {entry['group']} / {entry['stage']} | {entry['n']} | "
+                         + " | ".join(_cell(get(m), entry["n"]) for m in columns) + " | " + " | ".join(deltas)
+                         + f" | {_cell(get('val_nll'), entry['n'], 3)} | "
+                         f"{_cell(get('image_use_gap'), entry['n'], 3)} |")
         floor = next((a for a in aggregated if a["benchmark"] == f"{benchmark} (fixed caption)"), None)
         if floor:
-            lines.append(f"| best single fixed caption | | {_cell(floor['metrics'].get('Bleu_4'), 1)} | "
-                         f"{_cell(floor['metrics'].get('CIDEr'), 1)} | | | | |")
+            lines.append("| best single fixed caption | | " + " | ".join(
+                _cell(floor["metrics"].get(m), 1) for m in columns) + " |" + " |" * (len(columns) + 2))
         if base is None:
             lines += ["", f"(No baseline {baseline[0]}/{baseline[1]} among these runs: Δ left empty; "
                           "choose one with `eimctl report --baseline RUN:STAGE`.)"]

@@ -47,8 +47,8 @@ from eimctl.models.factory import build_model
 from eimctl.runtime import faults
 from eimctl.runtime.atomic import write_npy
 from eimctl.runtime.device import resolve_device
-from eimctl.runtime.distributed import (barrier, broadcast_object, check_shared, device_for, finish, is_writer,
-                                        leave, start, world_from_env)
+from eimctl.runtime.distributed import (barrier, broadcast_object, check_shared, current, device_for, finish,
+                                        is_writer, leave, start, world_from_env)
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.locks import clear_keeping_lock, hold_lock
 from eimctl.runtime.interrupts import PartsInterrupted, StopSignals
@@ -318,5 +318,6 @@ def _write_outputs(folder: Path, config: Config, fps: dict, dims: dict, rows: in
     write_manifest(folder, step="build-queues", config={"data": vars(config.data), "clip": vars(config.model.clip),
                                                         "lm": vars(config.model.lm), "eim": vars(config.eim)},
                    fingerprints=fps, outputs=[f"{kind.name}.parquet" for kind in QUEUE_KINDS], started=started,
-                   extra={"rows": rows, "dims": dims, "diagnostics": diagnostics})
+                   extra={"rows": rows, "dims": dims, "diagnostics": diagnostics,
+                          "distributed": {"world_size": current().size, "launcher": current().launcher}})
     log(f"key queues ({rows} rows; dims {dims}) -> {folder}", show)
