@@ -90,10 +90,13 @@ def test_the_summary_shows_each_benchmarks_own_headline_metric():
                       group="lavin-base"),
             ReportRow(run="lavin-eim", stage="base-ie", benchmark="scienceqa", metrics={"Avg": 42.5}, group="lavin-eim"),
             ReportRow(run="lavin-eim", stage="base-ie", benchmark="mme",
-                      metrics={"perception": 208.33, "color": 58.33}, group="lavin-eim")]
+                      metrics={"perception": 208.33, "color": 58.33}, group="lavin-eim"),
+            *(ReportRow(run=run, stage="-", benchmark="scienceqa (always a)", metrics={"Avg": 34.5}, group=run,
+                        is_baseline=True) for run in ("lavin-base", "lavin-eim"))]
     table = summary_markdown(rows, ("lavin-base", "base"))
     assert "| Configuration | n | Avg acc | Δ Avg acc | Val NLL | Image gap |" in table
     assert "| lavin-base / base | 1 | 40.00 | baseline |" in table
     assert "| lavin-eim / base-ie | 1 | 42.50 | +2.50 |" in table   # accuracy in points, not ×100
     assert "| Configuration | n | Perception | Δ Perception | Val NLL | Image gap |" in table
     assert "| lavin-eim / base-ie | 1 | 208.33 |  |" in table and "BLEU" not in table
+    assert table.count("| control: always a | | 34.50 |") == 1 and "### scienceqa (always a)" not in table

@@ -129,14 +129,30 @@ def _label(name: str) -> str:
     return header if scale == 1.0 else header.replace(" ×100", "")
 
 
+def _floor_lines(aggregated: list[dict], floors: set[str], benchmark: str, columns: tuple[str, ...]) -> list[str]:
+    """One row per floor of the benchmark, once: its best single fixed caption, its controls (always (A), ...)."""
+    first: dict[str, dict] = {}
+    for entry in aggregated:
+        if entry["benchmark"] in floors and entry["benchmark"].startswith(f"{benchmark} ("):
+            first.setdefault(entry["benchmark"], entry)
+    lines = []
+    for name, floor in first.items():
+        kind = name[len(benchmark) + 2:-1]
+        label = "best single fixed caption" if kind == "fixed caption" else f"control: {kind}"
+        lines.append(f"| {label} | | " + " | ".join(_cell(floor["metrics"].get(m), 1) for m in columns)
+                     + " |" + " |" * (len(columns) + 2))
+    return lines
+
+
 def summary_markdown(rows, baseline: tuple[str, str]) -> str:
     """One compact table per benchmark in the paper's Table 4 shape: a row per configuration (run folder
     / stage), the benchmark's headline metrics (BLEU-4 and CIDEr, ScienceQA's Avg, MME's perception and
     cognition; mean ± std when several seeds), Δ vs the baseline, val NLL and image-use gap; the benchmark's
-    fixed-caption floor once, last."""
+    floors (fixed caption, the task's controls) once each, last."""
     aggregated = aggregate_rows(rows)
     paired = {(p["group"], p["stage"], p["benchmark"]): p for p in paired_differences(rows, baseline)}
-    benchmarks = list(dict.fromkeys(a["benchmark"] for a in aggregated if "(fixed caption)" not in a["benchmark"]))
+    floors = {row.benchmark for row in rows if row.is_baseline}   # fixed captions and the tasks' controls
+    benchmarks = [name for name in dict.fromkeys(a["benchmark"] for a in aggregated) if name not in floors]
     blocks = []
     for benchmark in benchmarks:
         entries = [a for a in aggregated if a["benchmark"] == benchmark]
@@ -155,10 +171,7 @@ def summary_markdown(rows, baseline: tuple[str, str]) -> str:
                          + " | ".join(_cell(get(m), entry["n"]) for m in columns) + " | " + " | ".join(deltas)
                          + f" | {_cell(get('val_nll'), entry['n'], 3)} | "
                          f"{_cell(get('image_use_gap'), entry['n'], 3)} |")
-        floor = next((a for a in aggregated if a["benchmark"] == f"{benchmark} (fixed caption)"), None)
-        if floor:
-            lines.append("| best single fixed caption | | " + " | ".join(
-                _cell(floor["metrics"].get(m), 1) for m in columns) + " |" + " |" * (len(columns) + 2))
+        lines += _floor_lines(aggregated, floors, benchmark, columns)
         if base is None:
             lines += ["", f"(No baseline {baseline[0]}/{baseline[1]} among these runs: Δ left empty; "
                           "choose one with `eimctl report --baseline RUN:STAGE`.)"]
