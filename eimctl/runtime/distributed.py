@@ -52,12 +52,6 @@ class DistConfig:
 
 
 _current = World()
-_settings = DistConfig()
-
-
-def settings() -> DistConfig:
-    """The dist config given to `start` (the defaults before it)."""
-    return _settings
 
 
 def check_strategy(dist_cfg) -> None:
@@ -99,9 +93,8 @@ def is_writer() -> bool:
 
 def start(dist_cfg, device: torch.device | None = None) -> World:
     """Join the process group when the world size is above 1 (else do nothing); returns the world."""
-    global _current, _settings
+    global _current
     world = world_from_env()
-    _settings = dist_cfg
     if not world.distributed or torch.distributed.is_initialized():
         _current = world
         return world
@@ -155,20 +148,20 @@ def barrier() -> None:
 
 def finish() -> None:
     """A clean exit of every rank: wait for all, then leave the process group (no-op with one process)."""
-    global _current, _settings
+    global _current
     if _current.distributed and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    _current, _settings = World(), DistConfig()
+    _current = World()
 
 
 def leave() -> None:
     """Leave the process group without waiting for the other ranks (after an error on this rank, when a
     barrier could wait forever); the launcher stops the rest."""
-    global _current, _settings
+    global _current
     if _current.distributed and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    _current, _settings = World(), DistConfig()
+    _current = World()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

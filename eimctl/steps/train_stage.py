@@ -128,7 +128,7 @@ class StageRecipe:
                       config_fp=self.config_fp, device=self.device, resume=resume, show=self.show,
                       weights={f"loss_{k}": v for k, v in spec.losses.items()},
                       lr_by_prefix=learning_rates_by_prefix(self.config, spec.trainable),
-                      token_counts=self.token_counts)
+                      token_counts=self.token_counts, dist=self.config.dist)
         self.clip_tuning = {"clip_tuning": {"before": before, "after": clip_tuning("after")}} if before else {}
         return summary
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from eimctl.runtime import faults
-from eimctl.runtime.distributed import barrier, current, is_writer, settings
+from eimctl.runtime.distributed import barrier, current, is_writer
 from eimctl.runtime.errors import EimError, disk_full
 from eimctl.runtime.progress import log
 from eimctl.runtime.weights import WEIGHTS, load_weights
@@ -45,9 +45,9 @@ from eimctl.train.sharding import Objective
 BLOCK_LISTS = ("layers", "h", "blocks")  # under the LM's base model: LLaMA/Qwen/Phi/Gemma, GPT-2, others
 
 
-def wants_fsdp(show: bool) -> bool:
+def wants_fsdp(dist_cfg, show: bool) -> bool:
     """True when this fit shards with FSDP2; dist.strategy=fsdp with one process says once that it is ignored."""
-    if settings().strategy != "fsdp":
+    if dist_cfg.strategy != "fsdp":
         return False
     if current().distributed:
         return True
@@ -66,7 +66,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def shard_model(model: nn.Module, losses, device: torch.device) -> Objective:
+def shard_model(model: nn.Module, losses, device: torch.device, reshard_after_forward: bool = True) -> Objective:
     """FSDP2 over each LM block, then over the root Objective (which owns every other parameter), resharding
     after forward as dist.fsdp_reshard_after_forward says."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -74,7 +74,7 @@ def shard_model(model: nn.Module, losses, device: torch.device) -> Objective:
 
     model.to(device)
     mesh = init_device_mesh(device.type, (current().size,))
-    options = {"mesh": mesh, "reshard_after_forward": settings().fsdp_reshard_after_forward,
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
                "ignored_params": _scalars(model)}
     for block in transformer_blocks(model):
         fully_shard(block, **options)

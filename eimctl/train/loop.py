@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from eimctl.runtime import faults
-from eimctl.runtime.distributed import World, barrier, broadcast_object, current, gather_objects, is_writer, settings
+from eimctl.runtime.distributed import (DistConfig, World, barrier, broadcast_object, current, gather_objects,
+                                        is_writer)
 from eimctl.runtime.atomic import write_text
 from eimctl.runtime.errors import EimError
 from eimctl.runtime.interrupts import Interrupted, StopSignals
@@ -232,16 +233,18 @@ def _accumulate(interval: dict, losses: dict, step: int, plan: Plan, scheduler, 
 def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate: Callable[[list[int]], dict],
         dataset_size: int, cfg, out_dir: Path, config_fp: str, device: torch.device,
         resume: str = "auto", show: bool = True, weights: dict | None = None,
-        lr_by_prefix: dict[str, float] | None = None, token_counts: list[int] | None = None) -> dict:
+        lr_by_prefix: dict[str, float] | None = None, token_counts: list[int] | None = None,
+        dist: DistConfig | None = None) -> dict:
     """Train until the plan's last step; returns a summary. Checkpoints under out_dir/checkpoints.
     `lr_by_prefix` gives parameters whose names start with a prefix their own learning rate. `token_counts`
     (scored response tokens per sample) weigh loss_base when a global batch is split over ranks or
-    micro-batches (eimctl/train/sharding.py)."""
-    world = current()
+    micro-batches (eimctl/train/sharding.py). `dist` is the config's dist section (defaults when None)."""
+    world, dist = current(), dist or DistConfig()
     plan = Plan(dataset_size, cfg.batch_size, cfg.epochs, cfg.max_steps)
     check_micro_batch(cfg.batch_size, world, cfg.micro_batch_size)
     # FSDP2 replaces the parameters with sharded ones (DTensors): shard first, then build the optimiser over them
-    objective = shard_model(model, losses, device) if wants_fsdp(show) else None
+    objective = shard_model(model, losses, device, dist.fsdp_reshard_after_forward) if wants_fsdp(dist, show) \
+        else None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise EimError(f"stage '{stage}' has nothing to train", hint="check the stage's trainable modules")
@@ -254,7 +257,8 @@ def fit(*, stage: str, model: nn.Module, losses: Callable[[dict], dict], collate
         model.to(device)
     model.train()
     run = _Run(stage, model, losses, cfg, out_dir, config_fp, device, show and is_writer(), weights or {},
-               Sharding(world, token_counts or [1] * dataset_size, cfg.micro_batch_size), plan, objective)
+               Sharding(world, token_counts or [1] * dataset_size, cfg.micro_batch_size), plan, objective,
+               dist.checkpoint_format)
     summary = run.loop(collate, optimizer, scheduler, params, step, interval)
     if objective is not None:
         release(objective)  # whole tensors again, for what runs after training
@@ -265,12 +269,13 @@ class _Run:
     """The steps of one fit: batches in, optimiser steps, logs and checkpoints out."""
 
     def __init__(self, stage, model, losses, cfg, out_dir, config_fp, device, show, weights, sharding, plan,
-                 objective=None):
+                 objective=None, checkpoint_format: str = "full"):
         self.stage, self.model, self.losses, self.cfg, self.out_dir = stage, model, losses, cfg, out_dir
         self.config_fp, self.device, self.show, self.weights = config_fp, device, show, weights
         self.sharding, self.plan, self.world = sharding, plan, current()
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
         self.fsdp = objective is not None  # already sharded by FSDP2 (eimctl/train/fsdp.py)
+        self.checkpoint_format = checkpoint_format  # dist.checkpoint_format, under FSDP
         self.objective = objective if self.fsdp else distributed_objective(model, losses, self.world, device)
 
     def prepare(self, objective, batch: dict) -> dict:
@@ -348,5 +353,5 @@ class _Run:
         written with torch.distributed.checkpoint (sharded)."""
         state = {"step": step, "scheduler": scheduler.state_dict(), **_rng_fields(self.world), "interval": interval,
                  "config_fingerprint": self.config_fp}
-        save = save_sharded if settings().checkpoint_format == "sharded" else save_full
+        save = save_sharded if self.checkpoint_format == "sharded" else save_full
         return save(checkpoints, step, self.model, optimizer, state, self.cfg.keep_checkpoints)
