@@ -283,8 +283,8 @@ def _summary(collected: _Collected, out_dir: Path, baseline: tuple[str, str]) ->
     """The report's first section: the Table 4-shaped summary, the score chart and the loss overlay."""
     lines = ["## Summary", "",
              f"One row per configuration (run folder / stage); several seeds give mean ± sample std and Δ is "
-             f"paired seed by seed against {baseline[0]}/{baseline[1]} (in the metric's column units: caption metrics "
-             f"×100).", "",
+             f"paired seed by seed against {baseline[0]}/{baseline[1]} (caption metrics ×100, others in their own "
+             f"units).", "",
              summary_markdown(collected.rows, baseline), ""]
     if plot_scores(aggregate_rows(collected.rows), out_dir / "scores.png"):
         lines += ["![scores with the seed spread](scores.png)", ""]
