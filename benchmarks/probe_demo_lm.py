@@ -105,8 +105,8 @@ def letter_accuracy(model, tokenizer, held_out: list[tuple]) -> dict[str, float]
 
 @torch.no_grad()
 def second_half_loss(model, tokenizer, held_out: list[str], ids: dict) -> float:
-    token_ids = demo_llama._encode(tokenizer, held_out, 512)
-    input_ids, attention_mask, labels = demo_llama._batch(token_ids, ids)
+    token_ids = demo_llama.encode_documents(tokenizer, held_out, 512)
+    input_ids, attention_mask, labels = demo_llama.frame_batch(token_ids, ids)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     half = input_ids.size(1) // 2 + 2   # past the "|": every token from here is a copy
     return float(torch.nn.functional.cross_entropy(logits[:, half:-1].flatten(0, 1), labels[:, half + 1:].flatten()))
@@ -148,7 +148,7 @@ def train(args, texts: list[str], held_out: list) -> None:
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
                                          pad_token_id=ids["pad"], **demo_llama.DEFAULT_LLAMA_CFG))
-    token_ids = demo_llama._encode(tokenizer, texts, 512)
+    token_ids = demo_llama.encode_documents(tokenizer, texts, 512)
     optimizer = adamw(model, args.lr, 0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.steps, args.steps // 10))
     order_generator, step, started = torch.Generator().manual_seed(args.seed), 0, time.monotonic()
@@ -156,7 +156,7 @@ def train(args, texts: list[str], held_out: list) -> None:
     while step < args.steps:
         order = torch.randperm(len(token_ids), generator=order_generator).tolist()
         for start in range(0, len(order) - args.batch_size + 1, args.batch_size):
-            input_ids, attention_mask, labels = demo_llama._batch(
+            input_ids, attention_mask, labels = demo_llama.frame_batch(
                 [token_ids[i] for i in order[start:start + args.batch_size]], ids)
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             optimizer.zero_grad()

@@ -183,7 +183,7 @@ def _build_llama(staging: Path, *, data_dir: Path, parameters: dict, log: Log, l
     model = LlamaForCausalLM(config)
     n_parameters = sum(p.numel() for p in model.parameters())
     log(f"llama: {len(texts)} documents, vocabulary {len(tokenizer)}, {n_parameters / 1e6:.2f}M parameters")
-    token_ids = _encode(tokenizer, texts, model_cfg["max_position_embeddings"])
+    token_ids = encode_documents(tokenizer, texts, model_cfg["max_position_embeddings"])
     trainer = _train(model, token_ids, ids, parameters, staging, log, log_every)
 
     model.save_pretrained(staging)
@@ -200,12 +200,12 @@ def _build_llama(staging: Path, *, data_dir: Path, parameters: dict, log: Log, l
                                        "documents": len(texts), **trainer.summary(train_seconds)})
 
 
-def _encode(tokenizer, texts: list[str], max_positions: int) -> list[list[int]]:
+def encode_documents(tokenizer, texts: list[str], max_positions: int) -> list[list[int]]:
     """Token ids per document, cut so that <s> ids </s> fits the model's positions."""
     return [ids[:max_positions - 2] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
 
-def _batch(token_ids: list[list[int]], ids: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def frame_batch(token_ids: list[list[int]], ids: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each document framed as <s> document </s>, padded with <pad>; labels ignore the padding."""
     framed = [[ids["bos"]] + seq + [ids["eos"]] for seq in token_ids]
     length = max(len(seq) for seq in framed)
@@ -219,7 +219,8 @@ def _batch(token_ids: list[list[int]], ids: dict) -> tuple[torch.Tensor, torch.T
 
 def _train(model, token_ids: list[list[int]], ids: dict, parameters: dict, staging: Path, log: Log,
            log_every: int) -> StepTrainer:
-    return train_causal_lm("llama", model, token_ids, partial(_batch, ids=ids), parameters, staging, log, log_every)
+    return train_causal_lm("llama", model, token_ids, partial(frame_batch, ids=ids), parameters, staging, log,
+                           log_every)
 
 
 @torch.no_grad()
@@ -227,10 +228,10 @@ def llama_perplexity(model, tokenizer, texts: list[str], batch_size: int = 64) -
     """Per-token perplexity of `texts`, each framed as <s> text </s>."""
     model.eval()
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    token_ids = _encode(tokenizer, texts, model.config.max_position_embeddings)
+    token_ids = encode_documents(tokenizer, texts, model.config.max_position_embeddings)
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(token_ids), batch_size):
-        input_ids, attention_mask, labels = _batch(token_ids[start:start + batch_size], ids)
+        input_ids, attention_mask, labels = frame_batch(token_ids[start:start + batch_size], ids)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         shifted = labels[:, 1:]
         total_nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1),
